@@ -178,8 +178,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"Config key '{name}': expected a list of strings, received {value!r}.")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"Config key '{name}': expected a list of non-empty strings, received {value!r}.")
         return tuple(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -216,7 +216,8 @@ def _check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
 def _validate(config: Config) -> None:
     for name, (low, high, text) in _RANGES.items():
         value = getattr(config, name)
-        if (low is not None and value < low) or (high is not None and value > high):
+        # Written as "not inside" so NaN (which compares False to everything) is rejected.
+        if not ((low is None or value >= low) and (high is None or value <= high)):
             raise ConfigError(f"Config key '{name}': expected {text}, received {value!r}.")
     if not config.lr > 0 or config.lr > 10:
         raise ConfigError(f"Config key 'lr': expected a number in (0, 10], received {config.lr!r}.")

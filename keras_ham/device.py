@@ -1,0 +1,162 @@
+"""Pick the torch device once, before Keras is imported.
+
+Keras (>= 3.14) reads `KERAS_TORCH_DEVICE` a single time, when `keras` is first
+imported, and places every variable and tensor there. So the choice has to be made
+here, at the edge of each entry point, before anything imports Keras:
+
+    from keras_ham.device import configure_device
+    choice = configure_device(config.device)   # sets KERAS_BACKEND / KERAS_TORCH_DEVICE
+    import keras                                # now on the chosen device
+
+Order for `auto`: an explicit `KERAS_TORCH_DEVICE`, then DirectML (`torch_directml`,
+Windows/WSL), CUDA, Apple MPS, CPU.
+
+DirectML notes (see README): Keras only uses the DirectML device when
+`KERAS_TORCH_DEVICE` names it before import (the cause of Keras staying on the CPU in
+keras-team/keras#21228), and DirectML lacks the `torch._foreach_*` kernels that Keras's
+torch optimizers use, so `make_optimizer` gives it a per-variable AdamW instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable, Mapping
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not available on this machine."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceChoice:
+    kind: str  # cpu | cuda | mps | directml | env
+    torch_device: str  # the string handed to Keras, e.g. "cuda", "privateuseone:0"
+    reason: str
+
+    def describe(self) -> str:
+        return f"device: {self.torch_device} ({self.reason})"
+
+
+def _directml_device() -> str | None:
+    try:
+        import torch_directml  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        if torch_directml.device_count() < 1:
+            return None
+        return str(torch_directml.device())
+    except Exception:  # noqa: BLE001 - a broken DirectML install means "not available"
+        return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+DEFAULT_PROBES: Mapping[str, Callable[[], object]] = {
+    "directml": _directml_device,
+    "cuda": _cuda_available,
+    "mps": _mps_available,
+}
+
+
+def choose_device(
+    requested: str = "auto",
+    *,
+    environ: Mapping[str, str] | None = None,
+    probes: Mapping[str, Callable[[], object]] = DEFAULT_PROBES,
+) -> DeviceChoice:
+    """Decide the torch device (pure apart from the probes, which tests replace)."""
+    environ = os.environ if environ is None else environ
+    if requested == "auto":
+        if environ.get("KERAS_TORCH_DEVICE"):
+            value = environ["KERAS_TORCH_DEVICE"]
+            return DeviceChoice("env", value, "KERAS_TORCH_DEVICE is set")
+        directml = probes["directml"]()
+        if directml:
+            return DeviceChoice("directml", str(directml), "torch_directml is installed and sees a GPU")
+        if probes["cuda"]():
+            return DeviceChoice("cuda", "cuda", "CUDA is available")
+        if probes["mps"]():
+            return DeviceChoice("mps", "mps", "Apple MPS is available")
+        return DeviceChoice("cpu", "cpu", "no GPU backend found")
+    if requested == "cpu":
+        return DeviceChoice("cpu", "cpu", "requested")
+    if requested == "directml":
+        directml = probes["directml"]()
+        if not directml:
+            raise DeviceError(
+                "device=directml requested, but torch_directml is not installed or sees no GPU. "
+                "Install it on Windows/WSL with: pip install -r requirements-directml.txt"
+            )
+        return DeviceChoice("directml", str(directml), "requested")
+    if requested in ("cuda", "mps"):
+        if not probes[requested]():
+            raise DeviceError(f"device={requested} requested, but torch reports it is not available.")
+        return DeviceChoice(requested, requested, "requested")
+    raise DeviceError(f"device={requested!r}: expected auto, cpu, cuda, mps or directml.")
+
+
+def configure_device(requested: str = "auto", *, log: Callable[[str], None] | None = print) -> DeviceChoice:
+    """Choose the device and export it for Keras; must run before `import keras`.
+
+    Sets `KERAS_BACKEND=torch` unless a backend was already chosen. If Keras is already
+    imported on the torch backend with a different device, raises `DeviceError` rather
+    than silently training on the wrong device.
+    """
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    backend = os.environ["KERAS_BACKEND"]
+    if backend != "torch":
+        choice = DeviceChoice("cpu" if requested in ("auto", "cpu") else requested, backend, f"backend {backend}")
+        if log:
+            log(f"backend: {backend} (device selection applies to the torch backend only)")
+        return choice
+    choice = choose_device(requested)
+    keras_core = sys.modules.get("keras.src.backend.torch.core")
+    if keras_core is not None and str(keras_core.DEFAULT_DEVICE) != choice.torch_device:
+        if requested != "auto":
+            raise DeviceError(
+                f"Keras was imported before the device was chosen and uses {keras_core.DEFAULT_DEVICE}; "
+                f"call configure_device() before importing keras to use {choice.torch_device}."
+            )
+        choice = DeviceChoice("env", str(keras_core.DEFAULT_DEVICE), "Keras was already imported")
+    os.environ["KERAS_TORCH_DEVICE"] = choice.torch_device
+    if log:
+        log(choice.describe())
+    return choice
+
+
+def make_optimizer(learning_rate, weight_decay: float, choice: DeviceChoice | None = None):
+    """AdamW; on DirectML a per-variable variant, since it lacks `torch._foreach_*` ops."""
+    import keras
+
+    if choice is None or choice.kind != "directml":
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    return _per_variable_adamw_class()(learning_rate=learning_rate, weight_decay=weight_decay)
+
+
+def _per_variable_adamw_class():
+    import keras
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    class PerVariableAdamW(keras.optimizers.AdamW):
+        """AdamW updating one variable at a time (no fused `_foreach` kernels)."""
+
+        def _backend_update_step(self, grads, trainable_variables, learning_rate):
+            BaseOptimizer._backend_update_step(self, grads, trainable_variables, learning_rate)
+
+        def _apply_weight_decay(self, variables):
+            BaseOptimizer._apply_weight_decay(self, variables)
+
+    return PerVariableAdamW

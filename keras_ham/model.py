@@ -1,0 +1,210 @@
+"""The classifier: raw RGB in, class probabilities out, every step inside one Keras model.
+
+    image (0..255 RGB) -> augmentation (training only) -> ResNet preprocessing
+      -> ResNet backbone (flat: its layers are this model's layers)
+      -> global average pool -> dropout -> Dense "logits" -> softmax "probabilities"
+
+Preprocessing lives inside the model so a saved `.keras` file takes plain images on any
+backend. The backbone is built flat (not as a nested sub-model) so Grad-CAM can reach any
+feature map by name, and the head keeps logits separate from the softmax so Grad-CAM
+never has to alter the model. Only built-in Keras layers are used: a saved file loads in
+safe mode without importing this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_ham.config import Config
+from keras_ham.labels import NUM_CLASSES
+
+#: Per-channel means (BGR) of ImageNet, as `keras.applications.resnet50.preprocess_input`.
+CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+INPUT_NAME = "image"
+PREPROCESS_LAYER = "resnet_preprocess"
+POOL_LAYER = "avg_pool"
+LOGITS_LAYER = "logits"
+OUTPUT_LAYER = "probabilities"
+
+
+class ModelError(ValueError):
+    """The model cannot be built or loaded as configured."""
+
+
+def _augmentation(x, config: Config):
+    """Random flips/rotation/zoom/contrast; Keras runs them only when training=True."""
+    seed = config.seed
+    if config.augment_flip:
+        x = keras.layers.RandomFlip("horizontal_and_vertical", seed=seed, name="augment_flip")(x)
+    if config.augment_rotation > 0:
+        x = keras.layers.RandomRotation(
+            config.augment_rotation, fill_mode="reflect", seed=seed + 1, name="augment_rotation"
+        )(x)
+    if config.augment_zoom > 0:
+        x = keras.layers.RandomZoom(config.augment_zoom, fill_mode="reflect", seed=seed + 2, name="augment_zoom")(x)
+    if config.augment_contrast > 0:
+        x = keras.layers.RandomContrast(
+            config.augment_contrast, value_range=(0, 255), seed=seed + 3, name="augment_contrast"
+        )(x)
+    return x
+
+
+def _caffe_preprocess_layer() -> keras.layers.Conv2D:
+    """RGB -> BGR and mean subtraction as a frozen 1x1 convolution.
+
+    A built-in layer (rather than a Lambda or a custom class) keeps the saved model
+    loadable in safe mode on every backend; the weights are set in `_init_preprocess`.
+    """
+    return keras.layers.Conv2D(3, 1, use_bias=True, trainable=False, name=PREPROCESS_LAYER)
+
+
+def _init_preprocess(model: keras.Model) -> None:
+    kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    for out_channel, in_channel in enumerate((2, 1, 0)):  # BGR output from RGB input
+        kernel[0, 0, in_channel, out_channel] = 1.0
+    model.get_layer(PREPROCESS_LAYER).set_weights([kernel, -CAFFE_BGR_MEAN])
+
+
+def _resnet18_features(x):
+    """ResNet-18 (He et al., 2016) with basic blocks; layer names follow keras.applications."""
+    bn_axis = 3
+
+    def basic_block(x, filters, stride, name):
+        shortcut = x
+        if stride != 1 or x.shape[-1] != filters:
+            shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_0_conv")(x)
+            shortcut = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1.001e-5, name=f"{name}_0_bn")(shortcut)
+        x = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_1_conv")(x)
+        x = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1.001e-5, name=f"{name}_1_bn")(x)
+        x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_2_conv")(x)
+        x = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1.001e-5, name=f"{name}_2_bn")(x)
+        x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
+        return keras.layers.Activation("relu", name=f"{name}_out")(x)
+
+    x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(x)
+    x = keras.layers.Conv2D(64, 7, strides=2, use_bias=False, name="conv1_conv")(x)
+    x = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1.001e-5, name="conv1_bn")(x)
+    x = keras.layers.Activation("relu", name="conv1_relu")(x)
+    x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    for stage, filters in enumerate((64, 128, 256, 512), start=2):
+        for block in (1, 2):
+            stride = 2 if (block == 1 and stage > 2) else 1
+            x = basic_block(x, filters, stride, name=f"conv{stage}_block{block}")
+    return x
+
+
+def _weights_source(weights: str | None) -> str | None:
+    """Validate the `weights` setting early, with a message that says what is allowed."""
+    if weights is None or weights == "imagenet":
+        return weights
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelError(
+            f"weights={weights!r}: no such file. Use 'imagenet', null, or a path to a "
+            "keras.applications ResNet50 '.h5'/'.weights.h5' file or a keras-ham '.keras' model."
+        )
+    return str(path)
+
+
+def _copy_weights_by_name(source: keras.Model, target: keras.Model, layer_names: set[str]) -> int:
+    copied = 0
+    for layer in source.layers:
+        if layer.name in layer_names and layer.weights:
+            target.get_layer(layer.name).set_weights(layer.get_weights())
+            copied += 1
+    return copied
+
+
+def _load_backbone_weights(model: keras.Model, config: Config, backbone_names: set[str]) -> None:
+    weights = _weights_source(config.weights)
+    if weights is None:
+        return
+    if weights.endswith(".keras"):
+        try:
+            source = keras.saving.load_model(weights, compile=False)
+        except Exception as error:  # noqa: BLE001 - re-raised with the file name
+            raise ModelError(f"weights={weights!r}: cannot load this .keras file ({error}).") from error
+        copied = _copy_weights_by_name(source, model, backbone_names & {layer.name for layer in source.layers})
+        if copied == 0:
+            raise ModelError(f"weights={weights!r}: no backbone layer of this {config.model} found in the file.")
+        return
+    if config.model != "resnet50":
+        raise ModelError(
+            f"weights={weights!r} is only available for model=resnet50 (keras.applications); "
+            f"for model={config.model} use null or a keras-ham '.keras' file."
+        )
+    size = config.image_size
+    # keras.applications downloads ImageNet weights (or reads a local file) into a
+    # standalone backbone; copying by layer name keeps our model flat.
+    source = keras.applications.ResNet50(include_top=False, weights=weights, input_shape=(size, size, 3))
+    _copy_weights_by_name(source, model, backbone_names)
+
+
+def build_model(config: Config, *, num_classes: int = NUM_CLASSES) -> keras.Model:
+    """Build the classifier described in the module docstring (uncompiled)."""
+    _weights_source(config.weights)  # fail fast, before building anything
+    size = config.image_size
+    inputs = keras.Input(shape=(size, size, 3), name=INPUT_NAME)
+    x = _augmentation(inputs, config)
+    x = _caffe_preprocess_layer()(x)
+    if config.model == "resnet50":
+        backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x)
+        features = backbone.output
+    elif config.model == "resnet18":
+        features = _resnet18_features(x)
+    else:  # Config validation makes this unreachable; kept for direct callers.
+        raise ModelError(f"model={config.model!r}: expected resnet50 or resnet18.")
+    x = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(features)
+    x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(x)
+    logits = keras.layers.Dense(num_classes, name=LOGITS_LAYER)(x)
+    probabilities = keras.layers.Activation("softmax", dtype="float32", name=OUTPUT_LAYER)(logits)
+    model = keras.Model(inputs, probabilities, name=f"keras_ham_{config.model}")
+    _init_preprocess(model)
+    _load_backbone_weights(model, config, {layer.name for layer in backbone_layers(model)})
+    return model
+
+
+def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The backbone's layers: everything between the preprocessing and the pooling."""
+    names = [layer.name for layer in model.layers]
+    try:
+        start, stop = names.index(PREPROCESS_LAYER), names.index(POOL_LAYER)
+    except ValueError as error:
+        raise ModelError(f"{model.name}: not a keras-ham classifier (no {error.args[0]}).") from None
+    return model.layers[start + 1 : stop]
+
+
+def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
+    """Freeze or unfreeze the backbone. BatchNorm layers stay frozen (inference mode)
+    once fine-tuning starts, as is usual for transfer learning on small datasets."""
+    for layer in backbone_layers(model):
+        is_batchnorm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = trainable and not is_batchnorm
+
+
+def load_classifier(path: str | Path) -> keras.Model:
+    """Load a saved classifier in safe mode, with a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found.")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # noqa: BLE001 - any failure means an unusable model file
+        raise ModelError(f"{path}: cannot load model ({type(error).__name__}: {error}).") from error
+    shape = model.input_shape
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 3):
+        raise ModelError(f"{path}: expected a model taking (N, H, W, 3) images, its input is {shape}.")
+    return model
+
+
+def model_image_size(model: keras.Model) -> int:
+    """Square input size a loaded classifier expects."""
+    height, width = model.input_shape[1:3]
+    if height is None or height != width:
+        raise ModelError(f"{model.name}: expected a fixed square input, got {model.input_shape}.")
+    return int(height)

@@ -1,0 +1,385 @@
+"""Train a classifier into a run folder, resumably.
+
+A run folder `runs/<name>/` is the contract with every later stage:
+
+    best.keras     best model so far by `config.monitor` (uncompiled, portable)
+    history.csv    one row per finished epoch
+    config.yaml    the resolved config
+    labels.json    class order, full names, descriptions
+    summary.json   device, backend, durations, best epoch and score, versions
+    state/         resume checkpoint (removed when training finishes)
+
+Every file is written atomically. If the process dies (even `kill -9`), running the same
+command again finds `state/` and continues from the last finished epoch.
+
+Call `keras_ham.device.configure_device()` before importing this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import yaml
+
+from keras_ham import __version__
+from keras_ham.config import Config
+from keras_ham.dataset import class_weights, dataset_from_split_csv
+from keras_ham.device import DeviceChoice, make_optimizer
+from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
+from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES, NUM_CLASSES
+from keras_ham.metrics import BalancedAccuracy, SparseCrossentropyWithSmoothing
+from keras_ham.model import build_model, set_backbone_trainable
+
+Log = Callable[[str], None]
+
+BEST_MODEL = "best.keras"
+HISTORY = "history.csv"
+CONFIG = "config.yaml"
+LABELS = "labels.json"
+SUMMARY = "summary.json"
+STATE_DIR = "state"
+STATE_FILE = "state.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue as asked."""
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def labels_document() -> dict:
+    return {
+        "class_names": list(CLASS_NAMES),
+        "full_names": dict(CLASS_FULL_NAMES),
+        "descriptions": dict(CLASS_DESCRIPTIONS),
+    }
+
+
+def _comparable(config: Config) -> dict:
+    """Config fields that must match to resume (loader and device settings may change)."""
+    ignored = {"workers", "use_multiprocessing", "max_queue_size", "device", "run_name", "out_dir"}
+    return {key: value for key, value in config.to_dict().items() if key not in ignored}
+
+
+def resolve_run_dir(config: Config, default_name: str, log: Log = print) -> tuple[Path, bool]:
+    """Return (run folder, resuming?).
+
+    An interrupted run with the same config is resumed; a finished run is never
+    overwritten: the new run gets the next free `<name>-<k>` folder.
+    """
+    name = config.run_name or default_name
+    root = Path(config.out_dir)
+    candidate, k = root / name, 1
+    while True:
+        state_file = candidate / STATE_DIR / STATE_FILE
+        if not candidate.exists() or not any(candidate.iterdir()):
+            return candidate, False
+        if not (candidate / SUMMARY).exists():
+            saved_config = candidate / CONFIG
+            if saved_config.exists():
+                saved = yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}
+                current = _comparable(config)
+                differing = sorted(key for key in current if saved.get(key) != current[key])
+                if differing:
+                    raise TrainingError(
+                        f"{candidate} holds an interrupted run with a different config "
+                        f"({', '.join(differing)}). Resume it with the same config, or start a new run "
+                        "with --set run_name=NEW_NAME."
+                    )
+                return candidate, state_file.exists()
+        k += 1
+        candidate = root / f"{name}-{k}"
+        if k == 2:
+            log(f"{root / name} holds a finished run; this run goes to a new folder.")
+
+
+def _package_versions() -> dict:
+    versions = {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__}
+    for module in ("torch", "tensorflow", "jax", "sklearn", "PIL"):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            versions[module] = getattr(loaded, "__version__", "unknown")
+    return versions
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def learning_rate_at(epoch: int, config: Config) -> float:
+    """Per-epoch learning rate: warm-up, then cosine decay to 1 % of the base rate.
+
+    The fine-tuning phase (after `freeze_backbone_epochs`) scales it by
+    `fine_tune_lr_factor`. Per-epoch (not per-step) keeps resume exact and stateless.
+    """
+    base = config.lr
+    if config.freeze_backbone_epochs and epoch >= config.freeze_backbone_epochs:
+        base *= config.fine_tune_lr_factor
+    if config.lr_schedule != "cosine":
+        return base
+    if epoch < config.warmup_epochs:
+        return base * (epoch + 1) / (config.warmup_epochs + 1)
+    span = max(1, config.max_epochs - config.warmup_epochs)
+    progress = min(1.0, (epoch - config.warmup_epochs) / span)
+    return base * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _monitor_mode(monitor: str) -> str:
+    return "min" if monitor.endswith("loss") else "max"
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """After each epoch: best model, history, resume checkpoint; all atomic.
+
+    The resume checkpoint is written before the state file that points to it, so a kill
+    at any moment leaves either the previous consistent state or the new one.
+    """
+
+    def __init__(self, run_dir: Path, config: Config, export_model: keras.Model, state: dict, log: Log):
+        super().__init__()
+        self.run_dir = run_dir
+        self.config = config
+        self.export_model = export_model
+        self.state = state
+        self.log = log
+        self.mode = _monitor_mode(config.monitor)
+        self.epoch_started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.perf_counter()
+
+    def _improved(self, value: float) -> bool:
+        best = self.state.get("best_score")
+        if best is None:
+            return True
+        return value < best if self.mode == "min" else value > best
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        values = [v for v in logs.values() if isinstance(v, (int, float))]
+        if any(not math.isfinite(float(v)) for v in values):
+            self.state["stopped_reason"] = f"non-finite values in epoch {epoch + 1}; nothing of it was saved"
+            self.log(f"epoch {epoch + 1}: {self.state['stopped_reason']}")
+            return
+        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        seconds = time.perf_counter() - self.epoch_started
+        row = {"epoch": epoch + 1, "learning_rate": learning_rate, "seconds": round(seconds, 3)}
+        row.update({key: float(value) for key, value in logs.items() if key != "learning_rate"})
+        self.state["history"].append(row)
+        monitored = logs.get(self.config.monitor)
+        if monitored is None:
+            raise TrainingError(
+                f"monitor={self.config.monitor!r} is not among the epoch's metrics: {', '.join(sorted(logs))}."
+            )
+        if self._improved(float(monitored)):
+            self.export_model.set_weights(self.model.get_weights())
+            with atomic_path(self.run_dir / BEST_MODEL) as tmp:
+                self.export_model.save(tmp)
+            self.state.update(best_score=float(monitored), best_epoch=epoch + 1)
+            self.log(f"epoch {epoch + 1}: {self.config.monitor} improved to {float(monitored):.4f}; saved {BEST_MODEL}")
+        self._save_state(epoch + 1)
+
+    def _save_state(self, next_epoch: int) -> None:
+        state_dir = self.run_dir / STATE_DIR
+        state_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = state_dir / f"epoch-{next_epoch:04d}.weights.h5"
+        with atomic_path(checkpoint) as tmp:
+            self.model.save_weights(tmp)
+        previous = self.state.get("checkpoint")
+        self.state.update(epoch=next_epoch, checkpoint=checkpoint.name)
+        write_json_atomic(state_dir / STATE_FILE, self.state)
+        write_history(self.run_dir / HISTORY, self.state["history"])
+        if previous and previous != checkpoint.name:
+            (state_dir / previous).unlink(missing_ok=True)
+
+
+def write_history(path: Path, history: Sequence[dict]) -> None:
+    import pandas as pd
+
+    write_csv_atomic(path, pd.DataFrame(list(history)))
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    best_epoch: int | None
+    best_score: float | None
+    epochs_run: int
+    summary: dict
+
+
+def _compile(model: keras.Model, config: Config, learning_rate: float, device: DeviceChoice | None) -> None:
+    model.compile(
+        optimizer=make_optimizer(learning_rate, config.weight_decay, device),
+        loss=SparseCrossentropyWithSmoothing(NUM_CLASSES, config.label_smoothing),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"), BalancedAccuracy(NUM_CLASSES)],
+    )
+
+
+def _phases(config: Config) -> list[tuple[str, int, int]]:
+    """(name, first epoch, end epoch) of each training phase."""
+    frozen = min(config.freeze_backbone_epochs, config.max_epochs)
+    if frozen == 0:
+        return [("full", 0, config.max_epochs)]
+    phases = [("head", 0, frozen)]
+    if frozen < config.max_epochs:
+        phases.append(("fine-tune", frozen, config.max_epochs))
+    return phases
+
+
+def prepare_demo_data(config: Config, log: Log = print) -> None:
+    """Create the synthetic demo data and its split when `config.demo_data` names a folder
+    and they are missing, so one command trains on a fresh clone."""
+    if not config.demo_data:
+        return
+    from keras_ham.demo_data import make_demo_data
+    from keras_ham.split import write_split_files
+
+    demo_dir = Path(config.demo_data)
+    metadata = demo_dir / "HAM10000_metadata.csv"
+    if not metadata.exists():
+        log(f"demo data not found in {demo_dir}: generating it (seed {config.seed})")
+        make_demo_data(demo_dir, seed=config.seed, log=log)
+    split_csvs = [Path(config.train_csv), Path(config.val_csv), Path(config.test_csv)]
+    if not all(p.exists() for p in split_csvs):
+        out = split_csvs[0].parent
+        if any(p.parent != out for p in split_csvs):
+            raise TrainingError("demo_data needs train_csv, val_csv and test_csv in one folder.")
+        log(f"splitting {metadata} into {out}")
+        write_split_files(
+            metadata,
+            out,
+            seed=config.seed,
+            test_fraction=config.test_fraction,
+            val_fraction=config.val_fraction,
+            image_dirs=config.image_dirs,
+            log=log,
+        )
+
+
+def train(
+    config: Config,
+    *,
+    default_run_name: str | None = None,
+    device: DeviceChoice | None = None,
+    log: Log = print,
+    verbose: int | str = "auto",
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> TrainResult:
+    """Train `config` into a run folder (resuming an interrupted one) and return it."""
+    started = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    prepare_demo_data(config, log)
+    train_data = dataset_from_split_csv(config.train_csv, config, training=True)
+    val_data = dataset_from_split_csv(config.val_csv, config, training=False)
+    log(f"train: {len(train_data.labels)} images, val: {len(val_data.labels)} images, image size {config.image_size}")
+    weights = class_weights(train_data.labels, NUM_CLASSES) if config.use_class_weights else None
+    if weights:
+        log("class weights: " + ", ".join(f"{CLASS_NAMES[i]} {w:.2f}" for i, w in weights.items()))
+
+    run_dir, resuming = resolve_run_dir(config, default_run_name or config.model, log)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / CONFIG, config.to_yaml())
+    write_json_atomic(run_dir / LABELS, labels_document())
+
+    state: dict = {"epoch": 0, "history": [], "best_score": None, "best_epoch": None, "checkpoint": None}
+    state_file = run_dir / STATE_DIR / STATE_FILE
+    if resuming:
+        state.update(json.loads(state_file.read_text(encoding="utf-8")))
+        log(f"resuming {run_dir} from epoch {state['epoch'] + 1} (best so far: {state['best_score']})")
+
+    model = build_model(config)
+    export_model = build_model(config.replace(weights=None))
+    checkpoint_cb = RunCheckpoint(run_dir, config, export_model, state, log)
+    fit_seconds = 0.0
+    images_seen = 0
+    for phase, first_epoch, end_epoch in _phases(config):
+        if state["epoch"] >= end_epoch or state.get("stopped_reason"):
+            continue
+        if phase != "full":
+            set_backbone_trainable(model, phase == "fine-tune")
+            log(f"phase '{phase}': epochs {first_epoch + 1}-{end_epoch}, backbone {'trainable' if phase == 'fine-tune' else 'frozen'}")
+        checkpoint = state.get("checkpoint")
+        if checkpoint and state["epoch"] == first_epoch:
+            model.load_weights(run_dir / STATE_DIR / checkpoint)  # a new phase starts a new optimizer
+            checkpoint = None
+        _compile(model, config, learning_rate_at(first_epoch, config), device)
+        if checkpoint:
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(run_dir / STATE_DIR / checkpoint)
+        callbacks = [keras.callbacks.TerminateOnNaN(), checkpoint_cb]
+        if config.lr_schedule == "plateau":
+            callbacks.insert(0, keras.callbacks.ReduceLROnPlateau(monitor=config.monitor, factor=0.5, patience=2,
+                                                                  mode=_monitor_mode(config.monitor), verbose=1))
+        else:
+            callbacks.insert(0, keras.callbacks.LearningRateScheduler(lambda epoch, _lr: learning_rate_at(epoch, config)))
+        if config.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor=config.monitor, mode=_monitor_mode(config.monitor), patience=config.early_stopping_patience,
+                verbose=1))
+        callbacks.extend(extra_callbacks)
+        first = state["epoch"]
+        fit_started = time.perf_counter()
+        model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=end_epoch,
+            initial_epoch=first,
+            class_weight=weights,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        fit_seconds += time.perf_counter() - fit_started
+        images_seen += (state["epoch"] - first) * len(train_data.labels)
+        if model.stop_training:
+            break
+
+    if state["best_epoch"] is None:
+        raise TrainingError(
+            f"training produced no usable epoch ({state.get('stopped_reason', 'unknown reason')}); "
+            f"{run_dir / BEST_MODEL} was not written."
+        )
+    summary = {
+        "keras_ham_version": __version__,
+        "run_dir": str(run_dir),
+        "backend": keras.backend.backend(),
+        "device": device.torch_device if device else "default",
+        "device_reason": device.reason if device else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "monitor": config.monitor,
+        "best_epoch": state["best_epoch"],
+        "best_score": state["best_score"],
+        "epochs_run": len(state["history"]),
+        "stopped_reason": state.get("stopped_reason"),
+        "train_images": len(train_data.labels),
+        "val_images": len(val_data.labels),
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "seconds_total_this_process": round(time.perf_counter() - started, 2),
+        "seconds_fit_this_process": round(fit_seconds, 2),
+        "train_images_per_second_this_process": round(images_seen / fit_seconds, 2) if fit_seconds and images_seen else None,
+        "seconds_per_epoch": [row["seconds"] for row in state["history"]],
+        "resumed": resuming,
+        "versions": _package_versions(),
+    }
+    write_json_atomic(run_dir / SUMMARY, summary)
+    shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+    log(f"best {config.monitor} {state['best_score']:.4f} at epoch {state['best_epoch']}; run folder {run_dir}")
+    return TrainResult(run_dir, state["best_epoch"], state["best_score"], len(state["history"]), summary)

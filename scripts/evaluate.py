@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Evaluate a saved model on a labelled CSV (needs columns image_id and dx).
+
+Writes metrics.json, predictions.csv and confusion_matrix.png to --out
+(default: <model folder>/eval_<csv name>/) and prints a per-class table.
+
+Example:
+  python scripts/evaluate.py --model runs/demo/best.keras --csv data/demo/processed/test.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from keras_ham.device import DeviceError, configure_device  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a .keras file written by scripts/train.py")
+    parser.add_argument("--csv", required=True, help="CSV with image_id and dx columns (e.g. a test split)")
+    parser.add_argument("--images", action="append", default=[], metavar="DIR",
+                        help="folder holding the images (repeatable); the CSV's folder and the Kaggle "
+                             "part_1/part_2 subfolders are searched too")
+    parser.add_argument("--out", help="output folder (default: <model folder>/eval_<csv name>)")
+    parser.add_argument("--tta", action="store_true", help="average predictions over flips")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "directml"])
+    args = parser.parse_args(argv)
+    try:
+        configure_device(args.device)
+    except DeviceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from keras_ham.evaluate import evaluate
+    from keras_ham.images import ImageError
+    from keras_ham.metadata import MetadataError
+    from keras_ham.model import ModelError
+
+    try:
+        evaluate(args.model, args.csv, image_dirs=args.images, out_dir=args.out, tta=args.tta,
+                 batch_size=args.batch_size)
+    except (MetadataError, ImageError, ModelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Classify image files or folders with a saved model.
+
+Prints the top classes with probabilities per image; --csv also writes them all.
+
+Example:
+  python scripts/predict.py --model runs/demo/best.keras data/demo/HAM10000_images_part_1 --csv preds.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from keras_ham.device import DeviceError, configure_device  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a .keras file written by scripts/train.py")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    parser.add_argument("--csv", help="write image, predicted class and all probabilities to this CSV")
+    parser.add_argument("--top", type=int, default=3, help="how many classes to print per image (default 3)")
+    parser.add_argument("--tta", action="store_true", help="average predictions over flips")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "directml"])
+    args = parser.parse_args(argv)
+    try:
+        configure_device(args.device, log=None)
+    except DeviceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    import pandas as pd
+
+    from keras_ham.images import ImageError
+    from keras_ham.io_utils import write_csv_atomic
+    from keras_ham.labels import CLASS_NAMES
+    from keras_ham.model import ModelError
+    from keras_ham.predict import Predictor, expand_image_paths, predict_files, top_classes
+
+    try:
+        paths = expand_image_paths(args.paths)
+        predictor = Predictor.from_file(args.model, batch_size=args.batch_size, tta=args.tta)
+        probabilities = predict_files(predictor, paths)
+    except (ImageError, ModelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path, ranked in zip(paths, top_classes(probabilities, k=max(1, min(args.top, len(CLASS_NAMES))))):
+        shown = "  ".join(f"{name} {probability:.3f}" for name, probability in ranked)
+        print(f"{path}: {shown}")
+    if args.csv:
+        frame = pd.DataFrame({"path": [str(p) for p in paths],
+                              "predicted": [CLASS_NAMES[i] for i in probabilities.argmax(axis=1)]})
+        for index, name in enumerate(CLASS_NAMES):
+            frame[f"p_{name}"] = probabilities[:, index].round(6)
+        write_csv_atomic(args.csv, frame)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
