@@ -253,9 +253,7 @@ def prepare_demo_data(config: Config, log: Log = print) -> None:
 
     demo_dir = Path(config.demo_data)
     metadata = demo_dir / "HAM10000_metadata.csv"
-    if not metadata.exists():
-        log(f"demo data not found in {demo_dir}: generating it (seed {config.seed})")
-        make_demo_data(demo_dir, seed=config.seed, log=log)
+    make_demo_data(demo_dir, seed=config.seed, log=log)  # skips quickly when already complete
     split_csvs = [Path(config.train_csv), Path(config.val_csv), Path(config.test_csv)]
     if not all(p.exists() for p in split_csvs):
         out = split_csvs[0].parent
@@ -304,6 +302,7 @@ def train(
         state.update(json.loads(state_file.read_text(encoding="utf-8")))
         log(f"resuming {run_dir} from epoch {state['epoch'] + 1} (best so far: {state['best_score']})")
 
+    train_data.epoch = state["epoch"]  # the shuffle order of epoch e depends only on (seed, e)
     model = build_model(config)
     export_model = build_model(config.replace(weights=None))
     checkpoint_cb = RunCheckpoint(run_dir, config, export_model, state, log)
