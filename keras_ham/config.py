@@ -30,6 +30,7 @@ class Config:
     weights: str | None = "imagenet"
     image_size: int = 224
     dropout: float = 0.3
+    batchnorm_momentum: float | None = None
     # Optimisation
     batch_size: int = 32
     max_epochs: int = 15
@@ -91,6 +92,7 @@ FIELD_HELP = {
     "weights": "'imagenet' (downloaded by keras.applications), null (random init) or a path to a weights file",
     "image_size": "square input size in pixels",
     "dropout": "dropout rate before the classifier",
+    "batchnorm_momentum": "momentum of BatchNorm moving statistics (null: Keras's 0.99; ~0.9 for short runs from scratch)",
     "batch_size": "images per batch",
     "max_epochs": "number of training epochs",
     "lr": "AdamW learning rate",
@@ -219,6 +221,10 @@ def _validate(config: Config) -> None:
         # Written as "not inside" so NaN (which compares False to everything) is rejected.
         if not ((low is None or value >= low) and (high is None or value <= high)):
             raise ConfigError(f"Config key '{name}': expected {text}, received {value!r}.")
+    if config.batchnorm_momentum is not None and not 0.0 <= config.batchnorm_momentum < 1.0:
+        raise ConfigError(
+            f"Config key 'batchnorm_momentum': expected null or a number in [0, 1), received {config.batchnorm_momentum!r}."
+        )
     if not config.lr > 0 or config.lr > 10:
         raise ConfigError(f"Config key 'lr': expected a number in (0, 10], received {config.lr!r}.")
     if config.test_fraction + config.val_fraction >= 0.95:

@@ -116,6 +116,7 @@ def configure_device(requested: str = "auto", *, log: Callable[[str], None] | No
     than silently training on the wrong device.
     """
     os.environ.setdefault("KERAS_BACKEND", "torch")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # Keras imports TensorFlow when installed
     backend = os.environ["KERAS_BACKEND"]
     if backend != "torch":
         choice = DeviceChoice("cpu" if requested in ("auto", "cpu") else requested, backend, f"backend {backend}")

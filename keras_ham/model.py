@@ -165,6 +165,12 @@ def build_model(config: Config, *, num_classes: int = NUM_CLASSES) -> keras.Mode
     probabilities = keras.layers.Activation("softmax", dtype="float32", name=OUTPUT_LAYER)(logits)
     model = keras.Model(inputs, probabilities, name=f"keras_ham_{config.model}")
     _init_preprocess(model)
+    if config.batchnorm_momentum is not None:
+        # With few training steps (a short run from scratch), Keras's default 0.99 leaves
+        # the moving statistics far from the data and inference outputs one class.
+        for layer in backbone_layers(model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = config.batchnorm_momentum
     _load_backbone_weights(model, config, {layer.name for layer in backbone_layers(model)})
     return model
 

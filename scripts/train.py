@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "directml"],
                         help="torch device (overrides the config's 'device')")
     parser.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="when training ends, evaluate best.keras on the config's test_csv")
     args = parser.parse_args(argv)
     try:
         overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
@@ -47,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: run the same command again to resume from the last finished epoch", file=sys.stderr)
         return 130
     print(f"done: {result.run_dir / 'best.keras'}")
+    if args.evaluate:
+        from keras_ham.evaluate import evaluate
+
+        try:
+            evaluate(result.run_dir / "best.keras", config.test_csv, image_dirs=config.image_dirs,
+                     batch_size=config.batch_size)
+        except (MetadataError, ImageError, ModelError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

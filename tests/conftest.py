@@ -29,3 +29,58 @@ def real_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A small synthetic dataset in the Kaggle layout, split by lesion: (folder, split folder)."""
+    from keras_ham.demo_data import make_demo_data
+    from keras_ham.split import write_split_files
+
+    root = tmp_path_factory.mktemp("tiny_demo")
+    data = make_demo_data(root / "data", seed=3, num_lesions=70, min_lesions_per_class=8, image_size=(96, 72), log=None)
+    write_split_files(data / "HAM10000_metadata.csv", root / "splits", seed=3, log=None)
+    return data, root / "splits"
+
+
+def tiny_config(tiny_demo, tmp_path, **overrides):
+    """A config that trains in seconds on `tiny_demo`."""
+    from keras_ham.config import load_config
+
+    data, splits = tiny_demo
+    values = {
+        "model": "resnet18", "weights": None, "image_size": 32, "batch_size": 16, "max_epochs": 2,
+        "lr": 1e-3, "batchnorm_momentum": 0.9,
+        "train_csv": str(splits / "train.csv"), "val_csv": str(splits / "val.csv"),
+        "test_csv": str(splits / "test.csv"), "image_dirs": [str(data)],
+        "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "runs"), "run_name": "tiny",
+    }
+    values.update(overrides)
+    return load_config(overrides=values)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, repo_root):
+    """configs/demo.yaml trained as shipped (data, cache and runs redirected to a temp folder).
+
+    Shared by the tests that need a model that has really learned the demo data (Grad-CAM
+    localisation, demo test metrics, the dashboard). Returns (run folder, config).
+    """
+    from keras_ham.config import load_config
+    from keras_ham.train import train
+
+    root = tmp_path_factory.mktemp("demo_run")
+    config = load_config(
+        repo_root / "configs" / "demo.yaml",
+        {
+            "demo_data": str(root / "data" / "demo"),
+            "train_csv": str(root / "data" / "demo" / "processed" / "train.csv"),
+            "val_csv": str(root / "data" / "demo" / "processed" / "val.csv"),
+            "test_csv": str(root / "data" / "demo" / "processed" / "test.csv"),
+            "image_dirs": [str(root / "data" / "demo")],
+            "cache_dir": str(root / "cache"),
+            "out_dir": str(root / "runs"),
+        },
+    )
+    result = train(config, default_run_name="demo", log=lambda message: None, verbose=0)
+    return result.run_dir, config

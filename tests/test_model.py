@@ -143,3 +143,14 @@ def test_saved_model_loads_in_safe_mode_on_tensorflow_with_same_probabilities(tm
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["backend"] == "tensorflow"
     np.testing.assert_allclose(np.array(result["p"]), expected, atol=1e-4)
+
+
+def test_batchnorm_momentum_setting_reaches_every_backbone_batchnorm_and_survives_saving(tmp_path):
+    model = build_model(load_config(overrides={**TINY, "model": "resnet18", "batchnorm_momentum": 0.9}))
+    norms = [l for l in backbone_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    assert norms and all(l.momentum == 0.9 for l in norms)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.get_layer("conv1_bn").momentum == 0.9
+    default = build_model(load_config(overrides={**TINY, "model": "resnet18"}))
+    assert default.get_layer("conv1_bn").momentum == 0.99

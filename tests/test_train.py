@@ -1,0 +1,155 @@
+"""Training end to end on tiny synthetic data: run folder, resume after kill -9, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import tiny_config
+from keras_ham.config import Config, load_config
+from keras_ham.labels import CLASS_NAMES
+from keras_ham.train import TrainingError, learning_rate_at, resolve_run_dir, train
+
+
+def quiet(_message):
+    pass
+
+
+def test_training_writes_a_complete_run_folder(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path)
+    result = train(config, log=quiet, verbose=0)
+    run = result.run_dir
+    assert run == tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.keras", "config.yaml", "history.csv", "labels.json", "summary.json"
+    ]  # the resume state is gone, no temporary files are left behind
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    for column in ("loss", "accuracy", "balanced_accuracy", "val_loss", "val_accuracy",
+                   "val_balanced_accuracy", "learning_rate"):
+        assert column in history.columns and history[column].notna().all()
+    assert load_config(run / "config.yaml") == config
+    assert json.loads((run / "labels.json").read_text())["class_names"] == list(CLASS_NAMES)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] in (1, 2) and summary["backend"] == "torch"
+    assert summary["best_score"] == pytest.approx(history["val_balanced_accuracy"].max())
+    assert summary["versions"]["keras"] == keras.__version__
+    model = keras.saving.load_model(run / "best.keras", safe_mode=True)
+    assert model.input_shape == (None, 32, 32, 3) and not model.compiled
+
+
+def test_finished_run_is_never_overwritten(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path, max_epochs=1)
+    first = train(config, log=quiet, verbose=0).run_dir
+    before = (first / "best.keras").read_bytes()
+    second = train(config, log=quiet, verbose=0).run_dir
+    assert second == first.parent / "tiny-2"
+    assert (first / "best.keras").read_bytes() == before
+
+
+KILL_DURING_EPOCH = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import keras
+from keras_ham.config import load_config
+from keras_ham.train import train
+
+class KillDuringEpoch(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == {kill_epoch} and batch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(load_config({config!r}), log=print, verbose=0, extra_callbacks=[KillDuringEpoch()])
+"""
+
+
+def test_resume_after_kill_9_continues_from_the_interrupted_epoch(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path, max_epochs=4, run_name="resumed")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(config.to_yaml())
+    code = KILL_DURING_EPOCH.format(tests=os.path.dirname(__file__), kill_epoch=2, config=str(config_file))
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run = tmp_path / "runs" / "resumed"
+    state = json.loads((run / "state" / "state.json").read_text())
+    assert state["epoch"] == 2  # epochs 1 and 2 finished, killed inside epoch 3
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2]
+    assert not [p.name for p in run.rglob("*.tmp*")]
+
+    messages = []
+    result = train(config, log=messages.append, verbose=0)
+    assert result.run_dir == run
+    assert any("resuming" in m and "from epoch 3" in m for m in messages)
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["epochs_run"] == 4
+
+    # The same run without interruption: the resumed one is not worse.
+    straight = train(config.replace(run_name="straight"), log=quiet, verbose=0)
+    assert result.best_score >= straight.best_score - 0.15
+    np.testing.assert_allclose(history["learning_rate"],
+                               pd.read_csv(straight.run_dir / "history.csv")["learning_rate"], rtol=1e-6)
+
+
+def test_interrupted_run_with_a_different_config_is_refused(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    (run / "state").mkdir(parents=True)
+    (run / "config.yaml").write_text(config.replace(lr=0.5).to_yaml())
+    (run / "state" / "state.json").write_text("{}")
+    with pytest.raises(TrainingError, match=r"different config \(lr\).*run_name"):
+        resolve_run_dir(config, "tiny", quiet)
+
+
+def test_fine_tuning_schedule_freezes_then_unfreezes(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path, max_epochs=2, freeze_backbone_epochs=1, fine_tune_lr_factor=0.1,
+                         lr_schedule="constant")
+    messages = []
+    result = train(config, log=messages.append, verbose=0)
+    assert any("phase 'head'" in m for m in messages) and any("phase 'fine-tune'" in m for m in messages)
+    history = pd.read_csv(result.run_dir / "history.csv")
+    assert history["learning_rate"].tolist() == pytest.approx([1e-3, 1e-4])
+
+
+def test_learning_rate_schedule_shapes():
+    config = Config(lr=1.0, max_epochs=10, warmup_epochs=2, weights=None)
+    rates = [learning_rate_at(e, config) for e in range(10)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[2:], rates[3:]))
+    assert rates[-1] > 0
+    assert learning_rate_at(5, Config(lr=0.5, lr_schedule="constant", weights=None)) == 0.5
+
+
+def test_missing_split_csv_and_missing_images_are_clear_errors(tiny_demo, tmp_path):
+    from keras_ham.metadata import MetadataError
+
+    with pytest.raises(MetadataError, match="nope.csv: file not found"):
+        train(tiny_config(tiny_demo, tmp_path, train_csv=str(tmp_path / "nope.csv")), log=quiet, verbose=0)
+    with pytest.raises(MetadataError, match="not found"):
+        train(tiny_config(tiny_demo, tmp_path, image_dirs=[str(tmp_path / "empty")]), log=quiet, verbose=0)
+    assert not (tmp_path / "runs").exists()  # nothing was created for a run that could not start
+
+
+def run_script(*args, cwd):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def test_train_script_rejects_bad_config_without_traceback(repo_root, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: resnet50\nlearning_rate: 0.1\n")
+    out = run_script(str(repo_root / "scripts" / "train.py"), "--config", str(bad), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "Unknown config key(s): learning_rate" in out.stderr and "Traceback" not in out.stderr
+    out = run_script(str(repo_root / "scripts" / "train.py"), "--config", str(bad), "--set", "lr=-1", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
