@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -20,6 +21,11 @@ ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 #: Refuse images above this many pixels (decompression bombs). A 6000x4000 photo is 24 MP;
 #: 64 MP leaves room for any real dermatoscope while stopping bombs.
 MAX_PIXELS = 64_000_000
+
+
+#: `warnings.catch_warnings` swaps process-global state: decoding threads (the dataset cache
+#: decodes on a thread pool) must not interleave it, or one thread restores another's filters.
+_WARNING_FILTERS_LOCK = threading.Lock()
 
 
 class ImageError(ValueError):
@@ -83,7 +89,8 @@ def load_image(
     else:
         stream = source
     try:
-        with warnings.catch_warnings():
+        # only opening (header parsing) checks Pillow's bomb limit; decoding runs unlocked
+        with _WARNING_FILTERS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
                 image = Image.open(stream)
@@ -91,21 +98,21 @@ def load_image(
                 raise ImageError(f"{label}: not an image Pillow can read (expected JPEG, PNG, TIFF, BMP...).") from None
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise ImageError(f"{label}: too many pixels (decompression bomb guard).") from None
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}."
-                )
-            try:
-                image = ImageOps.exif_transpose(image)
-                image = _to_rgb(image)
-                if image_size is not None:
-                    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-                    if image.size != size:
-                        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-                array = np.asarray(image, dtype=np.uint8)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-                raise ImageError(f"{label}: corrupt or truncated image ({error}).") from None
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}."
+            )
+        try:
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+            if image_size is not None:
+                size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+                if image.size != size:
+                    image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+            array = np.asarray(image, dtype=np.uint8)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise ImageError(f"{label}: corrupt or truncated image ({error}).") from None
     finally:
         if isinstance(source, (str, os.PathLike)):
             stream.close()
