@@ -98,6 +98,8 @@ def load_image(
                 raise ImageError(f"{label}: not an image Pillow can read (expected JPEG, PNG, TIFF, BMP...).") from None
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise ImageError(f"{label}: too many pixels (decompression bomb guard).") from None
+            except (OSError, SyntaxError, ValueError) as error:  # e.g. a header cut short
+                raise ImageError(f"{label}: corrupt or truncated image ({error}).") from None
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(

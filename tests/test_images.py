@@ -167,3 +167,12 @@ def test_concurrent_decoding_leaves_warning_filters_untouched():
         results = list(pool.map(lambda _: load_image(data, 8), range(400)))
     assert all(result.shape == (8, 8, 3) for result in results)
     assert warnings.filters == before
+
+
+def test_jpeg_cut_inside_its_header_is_a_clear_error(tmp_path):
+    from keras_ham.images import ImageError, load_image
+
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ImageError, match="cut.jpg: corrupt or truncated"):
+        load_image(path)

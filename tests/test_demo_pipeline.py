@@ -1,0 +1,75 @@
+"""The shipped demo config, trained once per session: it must really learn the demo data,
+its Grad-CAM must look at the lesion, and its model must load on TensorFlow."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from keras_ham.evaluate import evaluate
+from keras_ham.gradcam import GradCAM
+from keras_ham.images import load_image
+from keras_ham.metadata import require_image_paths, read_metadata
+from keras_ham.model import load_classifier
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_config_learns_the_demo_data(demo_run, tmp_path):
+    run, config = demo_run
+    metrics = evaluate(run / "best.keras", config.test_csv, image_dirs=config.image_dirs,
+                       out_dir=tmp_path / "eval", log=lambda m: None)
+    print(f"demo test: accuracy {metrics['accuracy']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f}, "
+          f"{metrics['num_images']} images")
+    assert metrics["balanced_accuracy"] > 0.6  # chance is 1/7 = 0.14
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == config.max_epochs
+
+
+def test_gradcam_peak_falls_inside_the_lesion(demo_run):
+    run, config = demo_run
+    test = read_metadata(config.test_csv, required=("image_id", "dx"))
+    paths = require_image_paths(test, config.test_csv, config.image_dirs)
+    lesions = pd.read_csv(os.path.join(config.demo_data, "demo_lesions.csv")).set_index("image_id")
+    cam = GradCAM(load_classifier(run / "best.keras"))
+    images = np.stack([load_image(p, config.image_size) for p in paths])
+    heatmaps = cam(images).heatmaps
+    inside = []
+    for image_id, path, heatmap in zip(test["image_id"], paths, heatmaps):
+        width, height = 600, 450
+        row, col = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+        x = (col + 0.5) / heatmap.shape[1] * width
+        y = (row + 0.5) / heatmap.shape[0] * height
+        lesion = lesions.loc[image_id]
+        inside.append(((x - lesion.cx) / lesion.rx) ** 2 + ((y - lesion.cy) / lesion.ry) ** 2 <= 1.0)
+    rate = float(np.mean(inside))
+    print(f"Grad-CAM peak inside the lesion for {rate:.1%} of {len(inside)} demo test images")
+    assert rate >= 0.8
+
+
+LOAD_AND_PREDICT = """
+import sys, json, numpy as np, keras
+model = keras.saving.load_model(sys.argv[1], safe_mode=True)
+x = np.load(sys.argv[2])
+print(json.dumps({"backend": keras.backend.backend(), "p": np.asarray(model.predict(x, verbose=0)).tolist()}))
+"""
+
+
+def test_trained_best_model_gives_the_same_probabilities_on_tensorflow(demo_run, tmp_path):
+    run, config = demo_run
+    test = read_metadata(config.test_csv, required=("image_id", "dx"))
+    paths = require_image_paths(test, config.test_csv, config.image_dirs)[:8]
+    x = np.stack([load_image(p, config.image_size) for p in paths]).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    expected = load_classifier(run / "best.keras").predict(x, verbose=0)
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(run / "best.keras"), str(tmp_path / "x.npy")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "tensorflow"
+    np.testing.assert_allclose(np.array(result["p"]), expected, atol=1e-4)
