@@ -302,7 +302,6 @@ def train(
         state.update(json.loads(state_file.read_text(encoding="utf-8")))
         log(f"resuming {run_dir} from epoch {state['epoch'] + 1} (best so far: {state['best_score']})")
 
-    train_data.epoch = state["epoch"]  # the shuffle order of epoch e depends only on (seed, e)
     model = build_model(config)
     export_model = build_model(config.replace(weights=None))
     checkpoint_cb = RunCheckpoint(run_dir, config, export_model, state, log)
@@ -322,7 +321,10 @@ def train(
         if checkpoint:
             model.optimizer.build(model.trainable_variables)
             model.load_weights(run_dir / STATE_DIR / checkpoint)
-        callbacks = [keras.callbacks.TerminateOnNaN(), checkpoint_cb]
+        # Keras calls the dataset's on_epoch_end once before the first epoch, so pin the
+        # shuffle order to the absolute epoch: a resumed run sees the same orders.
+        pin_epoch = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: setattr(train_data, "epoch", epoch))
+        callbacks = [pin_epoch, keras.callbacks.TerminateOnNaN(), checkpoint_cb]
         if config.lr_schedule == "plateau":
             callbacks.insert(0, keras.callbacks.ReduceLROnPlateau(monitor=config.monitor, factor=0.5, patience=2,
                                                                   mode=_monitor_mode(config.monitor), verbose=1))
@@ -341,6 +343,7 @@ def train(
             epochs=end_epoch,
             initial_epoch=first,
             class_weight=weights,
+            shuffle=False,  # the dataset shuffles itself, seeded per epoch
             callbacks=callbacks,
             verbose=verbose,
         )

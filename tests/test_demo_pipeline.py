@@ -30,25 +30,37 @@ def test_demo_config_learns_the_demo_data(demo_run, tmp_path):
     assert summary["epochs_run"] == config.max_epochs
 
 
-def test_gradcam_peak_falls_inside_the_lesion(demo_run):
-    run, config = demo_run
-    test = read_metadata(config.test_csv, required=("image_id", "dx"))
-    paths = require_image_paths(test, config.test_csv, config.image_dirs)
-    lesions = pd.read_csv(os.path.join(config.demo_data, "demo_lesions.csv")).set_index("image_id")
-    cam = GradCAM(load_classifier(run / "best.keras"))
-    images = np.stack([load_image(p, config.image_size) for p in paths])
-    heatmaps = cam(images).heatmaps
+def peak_inside_lesion_rate(heatmaps, image_ids, lesions, width=600, height=450) -> float:
+    """Share of heatmaps whose maximum lies inside the lesion's ellipse (original pixels)."""
     inside = []
-    for image_id, path, heatmap in zip(test["image_id"], paths, heatmaps):
-        width, height = 600, 450
+    for image_id, heatmap in zip(image_ids, heatmaps):
         row, col = np.unravel_index(np.argmax(heatmap), heatmap.shape)
         x = (col + 0.5) / heatmap.shape[1] * width
         y = (row + 0.5) / heatmap.shape[0] * height
         lesion = lesions.loc[image_id]
         inside.append(((x - lesion.cx) / lesion.rx) ** 2 + ((y - lesion.cy) / lesion.ry) ** 2 <= 1.0)
-    rate = float(np.mean(inside))
-    print(f"Grad-CAM peak inside the lesion for {rate:.1%} of {len(inside)} demo test images")
-    assert rate >= 0.8
+    return float(np.mean(inside))
+
+
+def test_gradcam_peak_falls_inside_the_lesion(demo_run):
+    """At the demo's 64 px the stage outputs are 16, 8, 4 and 2 pixels wide; a 2x2 map can
+    only say which quadrant, so localisation is checked on the 8x8 stage-3 map (at 224 px,
+    ResNet50's default conv5 map is 7x7). The rates of every stage are printed for the record."""
+    run, config = demo_run
+    test = read_metadata(config.test_csv, required=("image_id", "dx"))
+    paths = require_image_paths(test, config.test_csv, config.image_dirs)
+    lesions = pd.read_csv(os.path.join(config.demo_data, "demo_lesions.csv")).set_index("image_id")
+    model = load_classifier(run / "best.keras")
+    images = np.stack([load_image(p, config.image_size) for p in paths])
+    rates = {}
+    for layer in ("conv3_block2_out", "conv4_block2_out", "conv5_block2_out"):
+        result = GradCAM(model, layer_name=layer)(images)
+        rates[layer] = peak_inside_lesion_rate(result.heatmaps, test["image_id"], lesions)
+        print(f"Grad-CAM at {layer} ({result.feature_cams.shape[1]}x{result.feature_cams.shape[2]}): "
+              f"peak inside the lesion for {rates[layer]:.1%} of {len(paths)} demo test images")
+    assert rates["conv3_block2_out"] >= 0.8
+    # A map that ignored the lesion would land inside it about as often as the lesion's area share.
+    assert rates["conv4_block2_out"] > 0.4
 
 
 LOAD_AND_PREDICT = """

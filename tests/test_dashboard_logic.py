@@ -1,0 +1,468 @@
+"""Dashboard logic (keras_ham.dashboard_logic) and the app's per-session page, without a server."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_ham import dashboard_logic as logic
+from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_OVERRIDES = {"weights": None, "image_size": 32, "model": "resnet18"}
+
+
+def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = None, evaluation: bool = True) -> Path:
+    """A run folder like keras_ham.train writes, around a tiny untrained model; returns best.keras."""
+    from keras_ham.config import load_config
+    from keras_ham.model import build_model
+
+    config = load_config(overrides={**TINY_OVERRIDES, **(overrides or {})})
+    run_dir = runs_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = run_dir / "best.keras"
+    build_model(config).save(model_path)
+    (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    (run_dir / "labels.json").write_text(json.dumps({
+        "class_names": list(CLASS_NAMES), "full_names": CLASS_FULL_NAMES, "descriptions": CLASS_DESCRIPTIONS,
+    }), encoding="utf-8")
+    rows = ["epoch,learning_rate,seconds,loss,accuracy,balanced_accuracy,val_loss,val_accuracy,val_balanced_accuracy"]
+    for epoch in range(1, 4):
+        rows.append(f"{epoch},0.001,1.5,{2.0 / epoch:.3f},{0.3 + 0.1 * epoch:.3f},{0.2 + 0.1 * epoch:.3f},"
+                    f"{2.2 / epoch:.3f},{0.25 + 0.1 * epoch:.3f},{0.15 + 0.1 * epoch:.3f}")
+    (run_dir / "history.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (run_dir / "summary.json").write_text(json.dumps({
+        "backend": "torch", "device": "cpu", "best_epoch": 3, "best_score": 0.45,
+        "monitor": "val_balanced_accuracy", "versions": {"keras": "3"},
+    }), encoding="utf-8")
+    if evaluation:
+        matrix = np.eye(7, dtype=int) * 5 + 1
+        (run_dir / "eval_test").mkdir(exist_ok=True)
+        (run_dir / "eval_test" / "metrics.json").write_text(json.dumps({
+            "accuracy": 0.5, "balanced_accuracy": 0.42, "macro_f1": 0.4, "weighted_f1": 0.5,
+            "macro_roc_auc_ovr": 0.7, "num_images": int(matrix.sum()), "class_names": list(CLASS_NAMES),
+            "confusion_matrix": matrix.tolist(),
+            "per_class": {name: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "support": 6, "roc_auc_ovr": 0.7}
+                          for name in CLASS_NAMES},
+        }), encoding="utf-8")
+    return model_path
+
+
+def image_bytes(mode: str = "RGB", size=(60, 45), fmt: str = "PNG", seed: int = 0) -> bytes:
+    """A random image of `mode`, encoded as `fmt`."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65535, (height, width), dtype=np.uint16))
+    else:
+        channels = {"L": None, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
+        shape = (height, width) if channels is None else (height, width, channels)
+        image = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode=mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("dash") / "runs"
+    write_tiny_run(runs, "x")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_runs):
+    logic.clear_model_cache()
+    return logic.load_model_bundle(tiny_runs / "x" / "best.keras")
+
+
+def load_app_module():
+    """dashboard/app.py as a module (not run by `panel serve`, so nothing is served)."""
+    spec = importlib.util.spec_from_file_location("keras_ham_dashboard_app", REPO_ROOT / "dashboard" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    return load_app_module()
+
+
+# --------------------------------------------------------------------------- options, runs
+
+
+def test_parse_options_flags_override_environment(tmp_path):
+    env = {"KERAS_HAM_MODEL": "env/best.keras", "KERAS_HAM_RUNS": "env_runs"}
+    assert logic.parse_options([], env) == logic.DashboardOptions(Path("env_runs"), Path("env/best.keras"))
+    options = logic.parse_options(["--model", "m.keras", "--runs", str(tmp_path)], env)
+    assert options == logic.DashboardOptions(tmp_path, Path("m.keras"))
+    assert logic.parse_options([], {}) == logic.DashboardOptions(Path("runs"), None)
+
+
+def test_discover_runs_newest_first_and_skips_runs_without_model(tmp_path):
+    runs = tmp_path / "runs"
+    for name, age in (("old", 300), ("new", 10), ("middle", 100)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "best.keras").write_bytes(b"model")
+        stamp = time.time() - age
+        os.utime(runs / name / "best.keras", (stamp, stamp))
+    (runs / "unfinished").mkdir()
+    (runs / "unfinished" / "history.csv").write_text("epoch\n1\n")
+    (runs / "stray.keras").write_bytes(b"not a run folder")
+    assert [run.name for run in logic.discover_runs(runs)] == ["new", "middle", "old"]
+    assert logic.start_model(logic.DashboardOptions(runs)) == runs / "new" / "best.keras"
+    given = tmp_path / "elsewhere.keras"
+    assert logic.start_model(logic.DashboardOptions(runs, given)) == given
+    assert logic.discover_runs(tmp_path / "missing") == []
+    assert logic.start_model(logic.DashboardOptions(tmp_path / "missing")) is None
+
+
+def test_model_choice_accepts_run_models_and_start_model_only(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    (runs / "a" / "best.keras").write_bytes(b"model")
+    (runs / "a" / "other.keras").write_bytes(b"model")
+    start = tmp_path / "given" / "model.keras"
+    start.parent.mkdir()
+    start.write_bytes(b"model")
+    outside = tmp_path / "secret.keras"
+    outside.write_bytes(b"model")
+
+    assert logic.validate_model_choice(runs / "a" / "best.keras", runs, start) == (runs / "a" / "best.keras").resolve()
+    assert logic.validate_model_choice(str(start), runs, start) == start
+    for bad in (outside, runs / "a" / "other.keras", runs / "a" / ".." / ".." / "secret.keras", "/etc/passwd",
+                runs / "missing" / "best.keras", ""):
+        with pytest.raises(logic.ModelChoiceError):
+            logic.validate_model_choice(bad, runs, start)
+    link_dir = runs / "link"
+    link_dir.mkdir()
+    (link_dir / "best.keras").symlink_to(outside)  # a link out of the runs folder is not a run model
+    with pytest.raises(logic.ModelChoiceError, match="not served"):
+        logic.validate_model_choice(link_dir / "best.keras", runs, start)
+
+    choices = logic.model_choices(runs, start)
+    assert list(choices.values())[0] == str(start)
+    assert str(runs / "a" / "best.keras") in choices.values()
+    assert all("other.keras" not in path for path in choices.values())
+
+
+def test_model_is_loaded_once_per_process(tiny_runs, bundle):
+    again = logic.load_model_bundle(tiny_runs / "x" / ".." / "x" / "best.keras")
+    assert again is bundle
+    assert (tiny_runs / "x" / "best.keras").resolve() in logic.cached_model_paths()
+
+
+def test_broken_model_file_raises_model_error(tmp_path):
+    from keras_ham.model import ModelError
+
+    (tmp_path / "best.keras").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="best.keras"):
+        logic.load_model_bundle(tmp_path / "best.keras")
+
+
+# --------------------------------------------------------------------------- cards
+
+
+def test_card_from_upload_predicts_and_explains(bundle):
+    card = logic.analyze_upload("lesion.png", image_bytes(size=(600, 450)), bundle, card_id=7)
+    assert isinstance(card, logic.ImageCard), getattr(card, "message", "")
+    assert card.card_id == 7 and card.filename == "lesion.png"
+    assert card.model_input.shape == (32, 32, 3)
+    assert card.image.shape == (240, 320, 3)  # scaled for display, aspect ratio kept
+    assert card.probabilities.shape == (7,)
+    np.testing.assert_allclose(card.probabilities.sum(), 1.0, rtol=1e-5)
+    # the same path as Predictor on the file decoded by load_image
+    from keras_ham.images import load_image
+
+    expected = bundle.predictor.predict(load_image(image_bytes(size=(600, 450)), 32)[None].astype(np.float32))[0]
+    np.testing.assert_allclose(card.probabilities, expected, rtol=1e-5, atol=1e-6)
+    assert card.predicted_name == CLASS_NAMES[int(np.argmax(expected))]
+    assert list(card.heatmaps) == [card.predicted_index]  # the predicted class's cam comes with the card
+    heatmap = card.heatmaps[card.predicted_index]
+    assert heatmap.shape == (32, 32) and heatmap.min() >= 0.0 and heatmap.max() <= 1.0
+    direct = bundle.gradcam.cam(card.model_input[None], class_index=card.predicted_index).heatmaps[0]
+    np.testing.assert_allclose(heatmap, direct, atol=1e-6)
+
+
+def test_explaining_another_class_computes_once_and_opacity_only_reblends(bundle):
+    card = logic.analyze_upload("a.png", image_bytes(seed=3), bundle, card_id=1)
+    other = (card.predicted_index + 1) % 7
+    calls = []
+    original = card.bundle.heatmap
+
+    class CountingBundle:
+        def __getattr__(self, name):
+            return getattr(bundle, name)
+
+        def heatmap(self, model_input, class_index):
+            calls.append(class_index)
+            return original(model_input, class_index)
+
+    card.bundle = CountingBundle()
+    expected = bundle.gradcam.cam(card.model_input[None], class_index=other).heatmaps[0]
+    np.testing.assert_allclose(card.heatmap(other), expected, atol=1e-6)
+    first = card.overlay(other, 0.2)
+    second = card.overlay(other, 0.9)
+    assert calls == [other]  # cached: changing the opacity never calls the model
+    assert first.shape == second.shape == card.image.shape and first.dtype == np.uint8
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(card.overlay(other, 0.0), card.image)
+    with pytest.raises(Exception, match="out of range"):
+        card.heatmap(7)
+
+
+def test_uncertainty_threshold_and_top_alternatives(bundle):
+    card = logic.analyze_upload("a.png", image_bytes(seed=5), bundle, card_id=1)
+    card.probabilities = np.array([0.04, 0.12, 0.3, 0.05, 0.35, 0.1, 0.04], dtype=np.float32)
+    assert card.predicted_name == "mel" and card.confidence == pytest.approx(0.35)
+    assert card.is_uncertain(0.5)
+    assert not card.is_uncertain(0.35)
+    assert not card.is_uncertain(0.3)
+    assert [name for name, _ in card.top(3)] == ["mel", "bkl", "bcc"]
+    assert card.top(3)[0] == ("mel", pytest.approx(0.35))
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("empty.jpg", b"", "empty"),
+        ("notes.jpg", b"these are my notes, not a picture\n" * 10, "not an image"),
+        ("notes.txt", "text handed over as str", "not an image"),
+        ("cut-header.jpg", image_bytes(fmt="JPEG", size=(200, 150))[:400], "corrupt or truncated"),
+        ("truncated.jpg", image_bytes(fmt="JPEG", size=(200, 150))[:5000], "corrupt or truncated"),
+        ("huge.png", b"\x89PNG" + b"0" * (logic.MAX_UPLOAD_BYTES + 1), "upload limit"),
+    ],
+)
+def test_bad_files_give_a_message_card_naming_the_file(bundle, name, data, message):
+    card = logic.analyze_upload(name, data, bundle, card_id=3)
+    assert isinstance(card, logic.ErrorCard)
+    assert card.card_id == 3 and card.filename == name
+    assert name in card.message and message in card.message
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height pixels (a decompression bomb)."""
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    raw[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR data starts at byte 16
+    raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")  # CRC over "IHDR" + data
+    return bytes(raw)
+
+
+def test_decompression_bomb_is_refused_before_decoding(bundle):
+    card = logic.analyze_upload("bomb.png", png_with_size(100_000, 100_000), bundle, card_id=2)
+    assert isinstance(card, logic.ErrorCard)
+    assert "bomb.png" in card.message and ("pixels" in card.message or "decompression" in card.message)
+
+
+@pytest.mark.parametrize(
+    "mode, fmt, note",
+    [("L", "PNG", "grayscale"), ("RGBA", "PNG", "RGBA"), ("CMYK", "JPEG", "CMYK"), ("I;16", "PNG", "16-bit")],
+)
+def test_other_colour_modes_are_converted(bundle, mode, fmt, note):
+    data = image_bytes(mode, fmt=fmt)
+    assert Image.open(io.BytesIO(data)).mode.startswith(mode[:1])
+    card = logic.analyze_upload(f"image.{fmt.lower()}", data, bundle, card_id=1)
+    assert isinstance(card, logic.ImageCard), getattr(card, "message", "")
+    assert card.image.shape == (45, 60, 3) and card.image.dtype == np.uint8
+    assert any(note in text for text in card.notes)
+    plain = logic.analyze_upload("rgb.png", image_bytes("RGB"), bundle, card_id=2)
+    assert plain.notes == ()
+
+
+def test_session_cards_add_remove_clear():
+    cards = logic.SessionCards()
+    first = cards.add(logic.ErrorCard(cards.next_id(), "a.jpg", "a.jpg: bad"))
+    second = cards.add(logic.ErrorCard(cards.next_id(), "b.jpg", "b.jpg: bad"))
+    assert first.card_id != second.card_id
+    assert cards.remove(first.card_id) and not cards.remove(first.card_id)
+    assert [card.filename for card in cards.cards] == ["b.jpg"]
+    cards.clear()
+    assert len(cards) == 0
+    assert cards.add(logic.ErrorCard(cards.next_id(), "c.jpg", "")).card_id == 3  # ids are never reused
+
+
+# --------------------------------------------------------------------------- run report
+
+
+def test_run_report_reads_history_metrics_config_and_summary(tiny_runs):
+    report = logic.load_run_report(tiny_runs / "x")
+    assert report.problems == []
+    assert list(report.history["epoch"]) == [1, 2, 3]
+    assert [column for column, _, _ in logic.history_series(report.history, "balanced_accuracy")] == [
+        "balanced_accuracy", "val_balanced_accuracy"]
+    assert report.evaluation_name == "eval_test" and report.metrics["balanced_accuracy"] == 0.42
+    assert "image_size: 32" in report.config_text
+    assert report.summary["device"] == "cpu"
+    np.testing.assert_allclose(logic.row_normalised(report.metrics["confusion_matrix"]).sum(axis=1), 1.0)
+
+
+def test_run_report_prefers_eval_test_and_reports_missing_files(tmp_path):
+    run = tmp_path / "r"
+    (run / "eval_val").mkdir(parents=True)
+    (run / "eval_val" / "metrics.json").write_text('{"accuracy": 0.1}')
+    assert logic.find_evaluation(run) == run / "eval_val" / "metrics.json"
+    (run / "eval_test").mkdir()
+    (run / "eval_test" / "metrics.json").write_text('{"accuracy": 0.9}')
+    assert logic.find_evaluation(run) == run / "eval_test" / "metrics.json"
+    (run / "summary.json").write_text("{broken")
+    (run / "history.csv").write_text("epoch,loss\n1,nan\n2,0.5\n")
+    report = logic.load_run_report(run)
+    assert report.metrics == {"accuracy": 0.9} and report.summary is None
+    assert any("summary.json" in problem and "unreadable" in problem for problem in report.problems)
+    assert any("config.yaml" in problem for problem in report.problems)
+    assert logic.history_series(report.history, "loss") == [("loss", [2.0], [0.5])]  # NaN dropped
+
+
+# --------------------------------------------------------------------------- the app's page
+
+
+def test_app_layout_with_model_and_two_independent_sessions(app_module, tiny_runs, bundle):
+    options = logic.DashboardOptions(tiny_runs, tiny_runs / "x" / "best.keras")
+    first, second = app_module.create_app(options), app_module.create_app(options)
+    assert first.bundle is bundle and second.bundle is bundle  # one model shared by sessions
+    assert first.template is not second.template and first.cards is not second.cards
+    assert not first.upload.disabled and first.model_select.value == str(tiny_runs / "x" / "best.keras")
+    assert "torch" in first.model_info.object and first.device.torch_device in first.model_info.object
+
+    card = first.add_upload("mine.png", image_bytes(seed=1))
+    bad = first.add_upload("broken.jpg", b"\xff\xd8\xff garbage")
+    assert isinstance(card, logic.ImageCard) and isinstance(bad, logic.ErrorCard)
+    assert len(first.cards) == 2 and len(first.grid.objects) == 2
+    assert len(second.cards) == 0 and len(second.grid.objects) == 0  # the other session sees nothing
+    second.add_upload("theirs.png", image_bytes(seed=2))
+    first.remove(bad.card_id)
+    assert [c.filename for c in first.cards.cards] == ["mine.png"]
+    assert [c.filename for c in second.cards.cards] == ["theirs.png"]
+
+    view = first.card_views[card.card_id]
+    first.threshold.value = 1.0  # everything is uncertain at 100 %
+    assert "uncertain" in view.prediction.object and "Top 3" in view.prediction.object
+    first.threshold.value = 0.0
+    assert "uncertain" not in view.prediction.object
+    before = view.gradcam.object
+    view.opacity.value = 0.9
+    assert view.gradcam.object != before
+    first.clear()
+    assert len(first.cards) == 0 and first.grid.objects == [] and len(second.cards) == 1
+
+    assert first.run_select.value == str(tiny_runs / "x")
+    report = first.run_tab.objects[1].objects[0]
+    text = " ".join(str(getattr(pane, "object", "")) for pane in report.select(app_module.pn.pane.HTML))
+    assert "balanced accuracy" in text and "image_size: 32" in text and "val_balanced_accuracy" in text
+
+
+def test_app_layout_without_model_explains_how_to_train(app_module, tmp_path):
+    session = app_module.create_app(logic.DashboardOptions(tmp_path / "runs"))
+    assert session.bundle is None and session.upload.disabled and session.model_select.disabled
+    assert logic.DEMO_TRAIN_COMMAND in session.empty_note.object
+    assert "No trained model" in session.empty_note.object
+    card = session.add_upload("a.png", image_bytes())
+    assert isinstance(card, logic.ErrorCard) and "no model" in card.message
+    assert logic.DEMO_TRAIN_COMMAND in session.run_tab.objects[0].object
+
+
+def test_app_layout_with_broken_start_model_says_why(app_module, tmp_path):
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"nope")
+    session = app_module.create_app(logic.DashboardOptions(tmp_path / "runs", broken))
+    assert session.bundle is None
+    assert "broken.keras" in session.empty_note.object and logic.DEMO_TRAIN_COMMAND in session.empty_note.object
+
+
+def test_app_switches_to_another_run_model_for_new_uploads(app_module, tiny_runs, tmp_path):
+    import asyncio
+    import shutil
+
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):
+        shutil.copytree(tiny_runs / "x", runs / name)
+    session = app_module.create_app(logic.DashboardOptions(runs))
+    newest = logic.discover_runs(runs)[0]
+    assert session.bundle.path.resolve() == newest.model_path.resolve()  # the newest run model by default
+    first = session.add_upload("before.png", image_bytes(seed=4))
+    other = next(run for run in logic.discover_runs(runs) if run.name != newest.name)
+    assert str(other.model_path) in session.model_select.options.values()
+
+    class Event:
+        new = str(other.model_path)
+
+    asyncio.run(session._on_model(Event()))
+    assert session.bundle.path.resolve() == other.model_path.resolve() and not session.model_message.visible
+    assert other.name in session.model_info.object
+    second = session.add_upload("after.png", image_bytes(seed=4))
+    assert second.bundle is session.bundle and first.bundle is not session.bundle  # old cards keep their model
+
+
+def test_app_rejects_a_model_path_sent_from_the_page(app_module, tiny_runs, tmp_path):
+    import asyncio
+
+    session = app_module.create_app(logic.DashboardOptions(tiny_runs, tiny_runs / "x" / "best.keras"))
+    outside = tmp_path / "evil.keras"
+    outside.write_bytes(b"x")
+
+    class Event:
+        new = str(outside)
+
+    asyncio.run(session._on_model(Event()))
+    assert session.model_message.visible and "not served" in session.model_message.object
+    assert session.bundle.path == tiny_runs / "x" / "best.keras"
+
+
+def test_app_chooses_the_device_first_and_never_imports_training_code(tmp_path):
+    import subprocess
+
+    code = (
+        "import importlib.util, os, sys\n"
+        f"spec = importlib.util.spec_from_file_location('app', {str(REPO_ROOT / 'dashboard' / 'app.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "print(os.environ.get('KERAS_TORCH_DEVICE'), module.DEVICE.torch_device,\n"
+        "      [m for m in ('keras_ham.train', 'keras_ham.dataset', 'keras_ham.evaluate') if m in sys.modules])\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    env.pop("KERAS_TORCH_DEVICE", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported, chosen, imported = result.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert exported == chosen != "None"  # configure_device ran and exported its choice for Keras
+    assert imported == "[]"
+
+
+def test_upload_widget_reassembles_chunks_and_refuses_oversized_files(app_module, tiny_runs, bundle):
+    session = app_module.create_app(logic.DashboardOptions(tiny_runs, tiny_runs / "x" / "best.keras"))
+    upload = session.upload
+    data = image_bytes(size=(300, 200), fmt="PNG", seed=9)
+    step = len(data) // 3 + 1
+    chunks = [data[i: i + step] for i in range(0, len(data), step)]
+    for index, chunk in enumerate(chunks):  # what the browser sends for one file
+        upload._handle_msg({"kind": "chunk", "id": "1", "name": "chunked.png", "size": len(data),
+                            "index": index, "total": len(chunks), "data": chunk})
+    assert [card.filename for card in session.cards.cards] == ["chunked.png"]
+    card = session.cards.cards[0]
+    assert isinstance(card, logic.ImageCard) and card.image.shape == (200, 300, 3)
+    direct = logic.analyze_upload("same.png", data, bundle, card_id=99)
+    np.testing.assert_allclose(card.probabilities, direct.probabilities, atol=1e-6)  # bytes arrived intact
+
+    upload._handle_msg({"kind": "refused", "id": "2", "name": "huge.jpg", "size": 25_000_000})
+    upload.max_bytes = 1000  # a client that ignores the limit is stopped on the server
+    for index in range(3):
+        upload._handle_msg({"kind": "chunk", "id": "3", "name": "sneaky.jpg", "size": 10,
+                            "index": index, "total": 3, "data": b"x" * 600})
+    errors = [card for card in session.cards.cards if isinstance(card, logic.ErrorCard)]
+    assert [card.filename for card in errors] == ["huge.jpg", "sneaky.jpg"]
+    assert "25.0 MB" in errors[0].message and "upload limit" in errors[1].message
+    assert len(session.grid.objects) == 3 and upload._parts == {}
