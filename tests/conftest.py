@@ -84,3 +84,29 @@ def demo_run(tmp_path_factory, repo_root):
     )
     result = train(config, default_run_name="demo", log=lambda message: None, verbose=0)
     return result.run_dir, config
+
+
+_LOAD_AND_PREDICT = """
+import sys, json, numpy as np, keras
+model = keras.saving.load_model(sys.argv[1], safe_mode=True)
+x = np.load(sys.argv[2])
+print(json.dumps({"backend": keras.backend.backend(),
+                  "p": np.asarray(keras.ops.convert_to_numpy(model(x, training=False))).tolist()}))
+"""
+
+
+def probabilities_on_tensorflow(model_path, images, tmp_path):
+    """Load `model_path` in safe mode in a fresh TensorFlow-backend process; its probabilities."""
+    import json
+    import subprocess
+
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.asarray(images, dtype="float32"))
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", _LOAD_AND_PREDICT, str(model_path), str(tmp_path / "x.npy")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "tensorflow"
+    return np.array(result["p"])

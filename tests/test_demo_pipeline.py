@@ -3,13 +3,12 @@ its Grad-CAM must look at the lesion, and its model must load on TensorFlow."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import probabilities_on_tensorflow
 from keras_ham.evaluate import evaluate
 from keras_ham.gradcam import GradCAM
 from keras_ham.images import load_image
@@ -63,25 +62,10 @@ def test_gradcam_peak_falls_inside_the_lesion(demo_run):
     assert rates["conv4_block2_out"] > 0.4
 
 
-LOAD_AND_PREDICT = """
-import sys, json, numpy as np, keras
-model = keras.saving.load_model(sys.argv[1], safe_mode=True)
-x = np.load(sys.argv[2])
-print(json.dumps({"backend": keras.backend.backend(), "p": np.asarray(model.predict(x, verbose=0)).tolist()}))
-"""
-
-
 def test_trained_best_model_gives_the_same_probabilities_on_tensorflow(demo_run, tmp_path):
     run, config = demo_run
     test = read_metadata(config.test_csv, required=("image_id", "dx"))
     paths = require_image_paths(test, config.test_csv, config.image_dirs)[:8]
     x = np.stack([load_image(p, config.image_size) for p in paths]).astype("float32")
-    np.save(tmp_path / "x.npy", x)
     expected = load_classifier(run / "best.keras").predict(x, verbose=0)
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(run / "best.keras"), str(tmp_path / "x.npy")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["backend"] == "tensorflow"
-    np.testing.assert_allclose(np.array(result["p"]), expected, atol=1e-4)
+    np.testing.assert_allclose(probabilities_on_tensorflow(run / "best.keras", x, tmp_path), expected, atol=1e-4)
