@@ -122,7 +122,7 @@ FIELD_HELP = {
     "max_queue_size": "PyDataset prefetch queue length",
     "device": f"torch device: one of {', '.join(DEVICES)} (auto picks the best available)",
     "out_dir": "folder that holds run folders",
-    "run_name": "run folder name (null: <model>-<timestamp>)",
+    "run_name": "run folder name under out_dir (null: the config file's name, else the model name)",
 }
 
 _RANGES: dict[str, tuple[float | None, float | None, str]] = {

@@ -191,3 +191,17 @@ def test_every_key_is_documented_in_the_reference_table():
     table = config_reference_markdown()
     for key in valid_keys():
         assert f"| `{key}` |" in table
+
+
+def test_readme_config_table_matches_the_dataclass(repo_root):
+    from keras_ham.config import config_reference_markdown
+
+    assert config_reference_markdown() in (repo_root / "README.md").read_text(encoding="utf-8")
+
+
+def test_shipped_configs_load(repo_root):
+    from keras_ham.config import load_config
+
+    for path in sorted((repo_root / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.model in ("resnet50", "resnet18"), path
