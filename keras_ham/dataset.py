@@ -124,8 +124,10 @@ class HamDataset(keras.utils.PyDataset):
     images: float32 (B, image_size, image_size, 3), raw RGB in 0..255; labels: int32 (B,) class
     indices. `len()` is ceil(N / batch_size); the last, partial batch is kept. With `shuffle`,
     epoch e visits the images in the order `default_rng([seed, e]).permutation(N)`, so every
-    epoch differs and the sequence repeats for the same seed; `on_epoch_end` advances `epoch`
-    (set `epoch` yourself to resume at a given epoch). With `cache_dir`, images are decoded once
+    epoch differs and the sequence repeats for the same seed; `on_epoch_end` advances `epoch`.
+    Keras' `fit` also calls `on_epoch_end` once before its first epoch (EpochIterator.reset), so
+    to make a resumed run see the same orders, set `dataset.epoch = epoch` from a callback's
+    `on_epoch_begin`. With `cache_dir`, images are decoded once
     (see `build_cache`, which runs in the constructor) and read from a memory map afterwards; the
     map is opened lazily in each process, so `use_multiprocessing=True` works.
 
@@ -171,7 +173,7 @@ class HamDataset(keras.utils.PyDataset):
 
     @property
     def epoch(self) -> int:
-        """Epochs finished so far; picks this epoch's shuffle order (settable, to resume)."""
+        """Counter that picks the shuffle order; advanced by `on_epoch_end`, settable to resume."""
         return self._epoch
 
     @epoch.setter
