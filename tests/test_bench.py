@@ -1,0 +1,304 @@
+"""The benchmark code (tiny sizes, no timing assertions) and the fast torch inference path
+it justified (keras_ham.predict.TorchInferenceGraph must equal the Keras model)."""
+
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_ham import bench
+from keras_ham.config import load_config
+from keras_ham.model import build_model
+from keras_ham.predict import Predictor, TorchInferenceGraph
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch backend tests")
+
+
+def images(n, size, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+def randomize_batchnorm(model, seed=0):
+    """Non-trivial BatchNorm statistics (a fresh model has mean 0 / variance 1)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.2, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.3, 3.0, n).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.2, n).astype("float32"))
+
+
+def graph_output(graph, x):
+    import torch
+
+    with torch.inference_mode():
+        return graph(torch.from_numpy(x)).numpy()
+
+
+def keras_output(model, x):
+    return keras.ops.convert_to_numpy(model(x, training=False))
+
+
+# --------------------------------------------------------------------------- fast inference path
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # 40 px: odd feature maps (5 -> 3) make ResNet18's stride-2 "same" convs pad asymmetrically
+        {"model": "resnet18", "image_size": 40, "augment_zoom": 0.2, "augment_contrast": 0.3},
+        {"model": "resnet50", "image_size": 32},
+    ],
+)
+def test_torch_graph_equals_keras_model_with_batchnorm_folded(overrides):
+    model = build_model(load_config(overrides={"weights": None, "dropout": 0.5, **overrides}))
+    randomize_batchnorm(model)
+    # logits, not softmax: a near one-hot softmax would hide differences
+    logits_model = keras.Model(model.inputs[0], model.get_layer("logits").output)
+    graph = TorchInferenceGraph(logits_model)
+    batchnorms = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert graph.folded_batchnorms == batchnorms and graph.keras_layers == []
+    x = images(3, overrides["image_size"])
+    before = x.copy()
+    expected = keras_output(logits_model, x)
+    received = graph_output(graph, x)
+    np.testing.assert_allclose(received, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_array_equal(x, before)  # in-place ops never touch the caller's images
+
+
+def test_torch_graph_keeps_aliased_tensors_intact_and_runs_other_layers_through_keras():
+    # dropout passes its input on unchanged, so the ReLU after it must not run in place on a
+    # buffer the Add still reads; Flatten/Reshape/Concatenate have no torch form here.
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    shared = keras.layers.Dropout(0.5)(x)
+    relu = keras.layers.Activation("relu")(shared)
+    added = keras.layers.Add()([shared, relu])
+    bn = keras.layers.BatchNormalization(name="bn_unfolded")(added)
+    pooled = keras.layers.MaxPooling2D(2)(bn)
+    flat = keras.layers.Flatten(name="flatten")(pooled)
+    reshaped = keras.layers.Reshape((4, 16), name="reshape")(flat)
+    joined = keras.layers.Concatenate(name="concat")([keras.layers.Flatten(name="flatten2")(reshaped), flat])
+    outputs = keras.layers.Dense(5, activation="tanh")(joined)
+    model = keras.Model(inputs, outputs)
+    randomize_batchnorm(model, seed=3)
+    graph = TorchInferenceGraph(model)
+    assert graph.folded_batchnorms == 0  # the conv output is read twice: no fold
+    assert set(graph.keras_layers) == {"flatten", "reshape", "flatten2", "concat"}
+    x = images(2, 8, seed=5) / 50.0 - 2.5  # negative values too, so ReLU changes things
+    np.testing.assert_allclose(graph_output(graph, x), keras_output(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_predictor_uses_fast_path_and_matches_keras_path():
+    model = build_model(load_config(overrides={"weights": None, "model": "resnet18", "image_size": 32}))
+    randomize_batchnorm(model, seed=1)
+    x = images(3, 32, seed=2)
+    fast = Predictor(model, batch_size=2)
+    slow = Predictor(model, batch_size=2, fast_path=False)
+    assert fast.fast_path and not slow.fast_path
+    np.testing.assert_allclose(fast.predict(x), slow.predict(x), atol=1e-5)
+    fast_tta = Predictor(model, batch_size=3, tta=True).predict(x)
+    np.testing.assert_allclose(fast_tta, Predictor(model, batch_size=3, tta=True, fast_path=False).predict(x), atol=1e-5)
+
+
+def test_predictor_falls_back_to_keras_when_the_graph_disagrees(monkeypatch):
+    model = build_model(load_config(overrides={"weights": None, "model": "resnet18", "image_size": 32}))
+    monkeypatch.setattr(TorchInferenceGraph, "__call__", lambda self, x: keras.ops.ones((x.shape[0], 7)) / 2)
+    with pytest.warns(UserWarning, match="differs from the Keras model"):
+        predictor = Predictor(model, batch_size=2)
+    assert not predictor.fast_path
+    x = images(2, 32)
+    np.testing.assert_allclose(predictor.predict(x), keras_output(model, x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_torch_loss_matches_the_training_loss():
+    import torch
+
+    from keras_ham.metrics import SparseCrossentropyWithSmoothing
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (6, 7)).astype("float32")
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    probabilities[0] = np.eye(7, dtype="float32")[2]  # a saturated row exercises the clipping
+    labels = np.array([2, 0, 6, 3, 3, 1], dtype="int32")
+    expected = float(SparseCrossentropyWithSmoothing(7, 0.1)(labels, probabilities))
+    received = float(bench.torch_smoothed_crossentropy(torch.from_numpy(probabilities), torch.from_numpy(labels), 0.1, 7))
+    assert received == pytest.approx(expected, rel=1e-5)
+
+
+def test_statistics_helpers():
+    assert bench.paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0  # median of 2, 3, 3
+    assert bench.percentile(list(range(101)), 95) == pytest.approx(95.0)
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_cpu_model_parsing():
+    text = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t: fpu\n"
+    assert bench.cpu_model(text) == "Intel(R) Xeon(R) Processor"
+    assert bench.cpu_model("processor : 0\n")  # falls back to platform information, never empty
+
+
+def test_options_quick_preset_overrides_and_validation():
+    quick = bench.make_options(quick=True, steps=3)
+    assert (quick.image_size, quick.model, quick.steps, quick.quick) == (32, "resnet18", 3, True)
+    assert bench.make_options().image_size == 128
+    assert bench.parse_list("train, loader,train", bench.SECTIONS, "--only") == ("train", "loader")
+    with pytest.raises(bench.BenchError, match="--only 'train,bogus'"):
+        bench.parse_list("train,bogus", bench.SECTIONS, "--only")
+    for bad in ({"image_size": 8}, {"steps": 0}, {"model": "vgg"}, {"sections": ("nope",)},
+                {"backends": ("tensorflow",)}, {"threads": 0}, {"batch_size": 2.5}):
+        with pytest.raises(bench.BenchError):
+            bench.make_options(**bad)
+
+
+def fake_workers():
+    """Raw worker timings with known answers: fit 0.5 s/step vs loop 0.4 s/step, etc."""
+    torch_worker = {
+        "backend": "torch", "round": 1, "tasks_run": ["train", "inference", "gradcam", "loader"],
+        "load_before": [1.0, 1.0, 1.0], "load_after": [1.5, 1.0, 1.0], "runtime": {"threads": 2},
+        "wall_seconds": 10.0, "peak_rss_mb_process": 900.0,
+        "tasks": {
+            "train": {"fit_seconds_per_step": [0.5, 0.5, 0.6, 2.0], "loop_seconds_per_step": [0.4, 0.5, 0.6, 1.6],
+                      "fit_repeat_seconds_per_step": [0.5, 0.6], "loop_repeat_seconds_per_step": [0.4, 0.6],
+                      "peak_rss_mb": {"fit": 800.0, "loop": 700.0}, "rss_before_training_mb": 500.0,
+                      "ru_maxrss_mb": 810.0},
+            "inference": {"batch_seconds": {"predictor": [0.1, 0.1], "torch_plain": [0.3, 0.3],
+                                            "keras_predict": [0.35, 0.35], "predictor_keras_path": [0.3, 0.3]},
+                          "latency_seconds": {"predictor": [0.01, 0.02], "torch_plain": [0.05, 0.05],
+                                              "keras_predict": [0.1, 0.1]},
+                          "fast_path": True, "predictor_build_seconds": 1.0, "max_abs_difference": 1e-7},
+            "gradcam": {"gradcam_seconds": [0.2, 0.2], "forward_backward_seconds": [0.4, 0.4],
+                        "forward_seconds": [0.15, 0.15], "layer": "conv5_block2_out"},
+            "loader": {"images": 16, "uncached_images_per_second": 100.0, "cache_build_images_per_second": 200.0,
+                       "cached_images_per_second": [1000.0, 3000.0, 2000.0], "cache_build_threads": 2},
+        },
+    }
+    tf_worker = {
+        "backend": "tensorflow", "round": 1, "tasks_run": ["train", "inference"], "load_before": [1.0, 1.0, 1.0],
+        "load_after": [1.0, 1.0, 1.0], "runtime": {"threads": "default"}, "wall_seconds": 5.0,
+        "peak_rss_mb_process": 1000.0,
+        "tasks": {
+            "train": {"fit_seconds_per_step": [0.25, 0.25], "fit_repeat_seconds_per_step": [0.25],
+                      "peak_rss_mb": {"fit": 950.0}, "rss_before_training_mb": 600.0, "ru_maxrss_mb": 960.0,
+                      "jit_compile": False},
+            "inference": {"batch_seconds": {"predictor": [0.2, 0.2], "keras_predict": [0.4, 0.4]},
+                          "latency_seconds": {"predictor": [0.03, 0.03], "keras_predict": [0.1, 0.1]},
+                          "fast_path": False, "predictor_build_seconds": 0.1, "max_abs_difference": 0.0},
+        },
+    }
+    return [torch_worker, tf_worker]
+
+
+def test_summary_ratios_point_the_right_way():
+    options = bench.make_options(batch_size=4)
+    data = {"source": "generated", "dir": "/tmp/x", "paths": ["a"] * 16}
+    results = bench.summarize(options, bench.machine_info(), data, fake_workers())
+    train = results["train"]
+    assert train["images_per_second"]["keras_fit_torch"] == pytest.approx(4 / 0.55)  # batch / median step
+    assert train["images_per_second"]["torch_loop"] == pytest.approx(4 / 0.55)
+    assert train["keras_vs_torch_ratio"] == pytest.approx(0.9)  # per-step pairs: median of 0.8, 0.8, 1, 1
+    assert train["keras_vs_torch_ratio_per_repeat"] == [0.8, 1.0]
+    assert train["keras_torch_vs_tensorflow_ratio"] == pytest.approx((4 / 0.55) / (4 / 0.25))
+    assert results["inference"]["keras_vs_torch_ratio"] == pytest.approx(3.0)  # Predictor 3x faster
+    assert results["inference"]["keras_path_vs_torch_ratio"] == pytest.approx(1.0)
+    assert results["inference"]["latency_ms"]["predictor_torch"]["p50"] == pytest.approx(15.0)
+    assert results["loader"]["cached_vs_train_ratio"] == pytest.approx(2000.0 / (4 / 0.55))
+    assert results["gradcam"]["vs_forward_backward_ratio"] == pytest.approx(0.5)
+    assert results["memory"]["peak_rss_mb"] == {"torch_fit": 800.0, "torch_loop": 700.0,
+                                                "torch_process_after_training": 810.0,
+                                                "tensorflow_fit": 950.0, "tensorflow_process_after_training": 960.0}
+    targets = results["targets"]
+    assert targets["train.keras_vs_torch_ratio"]["met"] is False
+    assert targets["inference.keras_vs_torch_ratio"]["met"] is True
+    assert targets["gradcam.vs_forward_backward_ratio"]["met"] is True
+    table = bench.format_table(results)
+    assert "keras fit / torch loop" in table and "0.9x" in table and "MISSED" in table
+
+
+def test_failing_worker_reports_its_error(tmp_path):
+    params = {"options": {"device": "cpu", "threads": None}, "tasks": ["no_such_task"]}
+    with pytest.raises(bench.BenchError, match="no_such_task"):
+        bench._run_worker(params, "torch", tmp_path, "t", log=lambda message: None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorflow") is None, reason="tensorflow not installed")
+def test_tensorflow_worker_measures_fit_and_predictor(tmp_path):
+    options = bench.make_options(quick=True, threads=1, backends=("torch", "tensorflow"))
+    train_images = options.batch_size * (options.steps + 1)
+    data = bench.prepare_images(bench.make_options(quick=True, generated_data=True), tmp_path, train_images)
+    params = {"options": __import__("dataclasses").asdict(options), "paths": data["paths"], "labels": data["labels"],
+              "train_images": train_images, "cache_dir": str(tmp_path / "cache"), "work_dir": str(tmp_path),
+              "tasks": ["train", "inference"]}
+    result = bench._run_worker(params, "tensorflow", tmp_path, "tf", log=lambda message: None)
+    assert result["runtime"]["backend"] == "tensorflow" and result["runtime"]["threads"] == 1
+    train, inference = result["tasks"]["train"], result["tasks"]["inference"]
+    assert len(train["fit_seconds_per_step"]) == options.steps * options.repeats
+    assert "loop_seconds_per_step" not in train  # the plain loop is torch-only
+    assert train["peak_rss_mb"]["fit"] > 0
+    assert set(inference["batch_seconds"]) == {"predictor", "keras_predict"}
+    assert len(inference["latency_seconds"]["predictor"]) == options.latency_runs
+    assert inference["max_abs_difference"] < 1e-5
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_script(repo_root, *args, timeout=240):
+    return subprocess.run([sys.executable, str(repo_root / "scripts" / "bench.py"), *args], cwd=repo_root,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--only", "train,bogus"], "--only 'train,bogus'"),
+        (["--image-size", "8"], "image_size"),
+        (["--backends", "tensorflow"], "backends"),
+        (["--data-dir", "/no/such/folder"], "HAM10000_metadata.csv"),
+    ],
+)
+def test_script_rejects_bad_input(repo_root, tmp_path, args, message):
+    completed = run_script(repo_root, *args, "--out", str(tmp_path / "r.json"), timeout=60)
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("error:") and message in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_quick_run_writes_json_and_prints_table(repo_root, tmp_path):
+    out = tmp_path / "bench" / "results.json"
+    # --threads 1: tiny models on a shared 2-core machine are dominated by OpenMP contention
+    completed = run_script(repo_root, "--quick", "--threads", "1", "--backends", "torch", "--generated-data",
+                           "--out", str(out))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for path in bench.TARGETS:
+        value = bench._lookup(results, path)
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (path, value)
+    assert results["options"]["quick"] and results["data"]["source"] == "generated"
+    assert results["machine"]["cpu_model"] and results["machine"]["logical_cores"] >= 1
+    assert results["machine"]["versions"]["torch"] and results["machine"]["versions"]["keras"]
+    worker = results["workers"][0]
+    assert worker["backend"] == "torch" and worker["runtime"]["threads"] == 1
+    assert len(worker["load_before"]) == 3
+    assert results["inference"]["fast_path"] is True
+    assert results["inference"]["fast_path_max_abs_difference"] < 1e-4
+    assert set(results["train"]["images_per_second"]) == {"keras_fit_torch", "torch_loop"}
+    assert results["memory"]["peak_rss_mb"]["torch_fit"] > 0
+    assert set(results["targets"]) == set(bench.TARGETS)
+    for line in ("keras fit / torch loop", "Predictor / plain torch", "cached / training",
+                 "gradcam / forward+backward", "peak RSS torch_fit"):
+        assert line in completed.stdout
+    assert f"wrote {out}" in completed.stdout
