@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import resource
@@ -47,6 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from keras_ham.io_utils import write_json_atomic
+from keras_ham.machine import cpu_model, load_average, package_version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("train", "inference", "loader", "gradcam", "memory")
@@ -176,36 +175,6 @@ def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
 # --------------------------------------------------------------------------- machine
 
 
-def cpu_model(cpuinfo: str | None = None) -> str:
-    """The CPU's 'model name' from /proc/cpuinfo (else platform.processor())."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            cpuinfo = ""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _version(*distributions: str) -> str | None:
-    for name in distributions:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def machine_info() -> dict:
     """CPU, cores, memory and library versions, without importing torch, Keras or TF."""
     import psutil
@@ -218,11 +187,11 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {
-            "torch": _version("torch"),
-            "keras": _version("keras"),
-            "tensorflow": _version("tensorflow", "tensorflow-cpu"),
-            "numpy": _version("numpy"),
-            "pillow": _version("pillow"),
+            "torch": package_version("torch"),
+            "keras": package_version("keras"),
+            "tensorflow": package_version("tensorflow", "tensorflow-cpu"),
+            "numpy": package_version("numpy"),
+            "pillow": package_version("pillow"),
         },
         "load_average": load_average(),
     }
@@ -276,21 +245,20 @@ def prepare_images(options: BenchOptions, work_dir: Path, count: int) -> dict:
 
 
 def _worker_tasks(options: BenchOptions, backend: str) -> list[str]:
+    """Tasks of one backend's worker, training first (its peak RSS is then the training peak).
+    Grad-CAM, the loader and the breakdown are measured on torch only."""
     wanted = set(options.sections)
-    if backend == "torch":
-        tasks = []
-        if wanted & {"train", "memory"}:
-            tasks.append("train")
-        tasks += [s for s in ("inference", "gradcam", "loader", "breakdown") if s in wanted]
-        return tasks
-    return [s for s in ("train", "inference") if s in wanted or (s == "train" and "memory" in wanted)]
+    tasks = ["train"] if wanted & {"train", "memory"} else []
+    extra = ("inference", "gradcam", "loader", "breakdown") if backend == "torch" else ("inference",)
+    return tasks + [task for task in extra if task in wanted]
 
 
 def _run_worker(params: dict, backend: str, work_dir: Path, tag: str, log: Callable[[str], None]) -> dict:
     params_path = work_dir / f"params-{tag}.json"
     out_path = work_dir / f"result-{tag}.json"
     write_json_atomic(params_path, params)
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO_ROOT))
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=python_path)
     if params["options"]["threads"]:
         env["OMP_NUM_THREADS"] = str(params["options"]["threads"])
     log(f"[{tag}] {backend} worker: {', '.join(params['tasks'])} (load {load_average()})")
@@ -352,6 +320,7 @@ def run_benchmarks(options: BenchOptions, out_path: str | os.PathLike | None = N
         shutil.rmtree(work_dir, ignore_errors=True)
     results = summarize(options, machine, data, workers)
     results["skipped_backends"] = skipped
+    results["load_average_end"] = load_average()
     results["command"] = list(argv) if argv is not None else None
     results["seconds_total"] = round(time.perf_counter() - started, 1)
     if out_path is not None:

@@ -147,6 +147,34 @@ def make_optimizer(learning_rate, weight_decay: float, choice: DeviceChoice | No
     return _per_variable_adamw_class()(learning_rate=learning_rate, weight_decay=weight_decay)
 
 
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed`, without importing TensorFlow on other backends.
+
+    Keras seeds TensorFlow whenever it is installed. In a torch process that import costs
+    ~2 s, a few hundred MB and TensorFlow's own thread pools, for a framework never used.
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    try:
+        from keras.src.utils import rng_utils
+    except ImportError:  # a Keras layout without this module: seed as Keras does, TF included
+        keras.utils.set_random_seed(seed)
+        return
+    lazy_tensorflow = getattr(rng_utils, "tf", None)
+    rng_utils.tf = _AbsentModule()
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        rng_utils.tf = lazy_tensorflow
+
+
+class _AbsentModule:
+    available = False
+
+
 def _per_variable_adamw_class():
     import keras
     from keras.src.optimizers.base_optimizer import BaseOptimizer

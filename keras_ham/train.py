@@ -20,23 +20,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import keras
-import numpy as np
 import yaml
 
 from keras_ham import __version__
 from keras_ham.config import Config
 from keras_ham.dataset import class_weights, dataset_from_split_csv
-from keras_ham.device import DeviceChoice, make_optimizer
+from keras_ham.device import DeviceChoice, make_optimizer, set_random_seed
 from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES, NUM_CLASSES
+from keras_ham.machine import cpu_model, package_versions
 from keras_ham.metrics import BalancedAccuracy, SparseCrossentropyWithSmoothing
 from keras_ham.model import build_model, set_backbone_trainable
 
@@ -102,15 +102,6 @@ def resolve_run_dir(config: Config, default_name: str, log: Log = print) -> tupl
         candidate = root / f"{name}-{k}"
         if k == 2:
             log(f"{root / name} holds a finished run; this run goes to a new folder.")
-
-
-def _package_versions() -> dict:
-    versions = {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__}
-    for module in ("torch", "tensorflow", "jax", "sklearn", "PIL"):
-        loaded = sys.modules.get(module)
-        if loaded is not None:
-            versions[module] = getattr(loaded, "__version__", "unknown")
-    return versions
 
 
 # --------------------------------------------------------------------------- schedule
@@ -282,7 +273,7 @@ def train(
 ) -> TrainResult:
     """Train `config` into a run folder (resuming an interrupted one) and return it."""
     started = time.perf_counter()
-    keras.utils.set_random_seed(config.seed)
+    set_random_seed(config.seed)
     prepare_demo_data(config, log)
     train_data = dataset_from_split_csv(config.train_csv, config, training=True)
     val_data = dataset_from_split_csv(config.val_csv, config, training=False)
@@ -364,7 +355,8 @@ def train(
         "device": device.torch_device if device else "default",
         "device_reason": device.reason if device else None,
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
+        "logical_cores": os.cpu_count(),
         "monitor": config.monitor,
         "best_epoch": state["best_epoch"],
         "best_score": state["best_score"],
@@ -379,7 +371,7 @@ def train(
         "train_images_per_second_this_process": round(images_seen / fit_seconds, 2) if fit_seconds and images_seen else None,
         "seconds_per_epoch": [row["seconds"] for row in state["history"]],
         "resumed": resuming,
-        "versions": _package_versions(),
+        "versions": package_versions(),
     }
     write_json_atomic(run_dir / SUMMARY, summary)
     shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)

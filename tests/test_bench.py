@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-import warnings
 
 import keras
 import numpy as np
@@ -141,12 +140,6 @@ def test_statistics_helpers():
     assert bench.percentile(list(range(101)), 95) == pytest.approx(95.0)
     with pytest.raises(ValueError):
         bench.paired_ratio([1.0], [1.0, 2.0])
-
-
-def test_cpu_model_parsing():
-    text = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t: fpu\n"
-    assert bench.cpu_model(text) == "Intel(R) Xeon(R) Processor"
-    assert bench.cpu_model("processor : 0\n")  # falls back to platform information, never empty
 
 
 def test_options_quick_preset_overrides_and_validation():

@@ -83,3 +83,27 @@ def test_per_variable_adamw_matches_fused_adamw():
     per_variable = one_step(optimizer)
     for a, b in zip(fused, per_variable):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_set_random_seed_is_reproducible_and_leaves_tensorflow_unimported():
+    """Seeding a torch process must not import TensorFlow (Keras's own helper does)."""
+    code = (
+        "import random, sys\n"
+        "import numpy as np, torch, keras\n"
+        "from keras.src.utils import rng_utils\n"
+        "from keras_ham.device import set_random_seed\n"
+        "lazy = rng_utils.tf\n"
+        "def draw():\n"
+        "    layer = keras.layers.Dropout(0.5)\n"
+        "    x = keras.ops.ones((64,))\n"
+        "    return [random.random(), float(np.random.rand()), float(torch.rand(())),\n"
+        "            keras.ops.convert_to_numpy(layer(x, training=True)).tolist()]\n"
+        "set_random_seed(7); first = draw()\n"
+        "set_random_seed(7); second = draw()\n"
+        "set_random_seed(8); other = draw()\n"
+        "print(first == second, first != other, 'tensorflow' in sys.modules, rng_utils.tf is lazy)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.split()[-4:] == ["True", "True", "False", "True"]

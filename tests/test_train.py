@@ -10,11 +10,11 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from conftest import tiny_config
 from keras_ham.config import Config, load_config
 from keras_ham.labels import CLASS_NAMES
+from keras_ham.machine import cpu_model
 from keras_ham.train import TrainingError, learning_rate_at, resolve_run_dir, train
 
 
@@ -41,6 +41,7 @@ def test_training_writes_a_complete_run_folder(tiny_demo, tmp_path):
     assert summary["best_epoch"] in (1, 2) and summary["backend"] == "torch"
     assert summary["best_score"] == pytest.approx(history["val_balanced_accuracy"].max())
     assert summary["versions"]["keras"] == keras.__version__
+    assert summary["processor"] == cpu_model() and summary["logical_cores"] >= 1
     model = keras.saving.load_model(run / "best.keras", safe_mode=True)
     assert model.input_shape == (None, 32, 32, 3) and not model.compiled
 

@@ -1,0 +1,25 @@
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+from keras_ham.machine import cpu_model, package_version, package_versions
+
+
+def test_cpu_model_parsing():
+    text = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t: fpu\n"
+    assert cpu_model(text) == "Intel(R) Xeon(R) Processor"
+    assert cpu_model("processor : 0\n")  # falls back to platform information, never empty
+
+
+def test_package_versions_are_installed_versions_without_imports():
+    versions = package_versions()
+    assert versions["keras"] == importlib.metadata.version("keras")
+    assert versions["numpy"] == importlib.metadata.version("numpy")
+    assert package_version("no-such-distribution-x", "keras") == versions["keras"]
+    assert package_version("no-such-distribution-x") is None
+    code = ("import sys\nfrom keras_ham.machine import package_versions\npackage_versions()\n"
+            "print(sorted(m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "[]"
