@@ -151,7 +151,8 @@ def set_random_seed(seed: int) -> None:
     """`keras.utils.set_random_seed`, without importing TensorFlow on other backends.
 
     Keras seeds TensorFlow whenever it is installed. In a torch process that import costs
-    ~2 s, a few hundred MB and TensorFlow's own thread pools, for a framework never used.
+    1.5 s and 410 MB of memory (measured on a 2-core Xeon) for a framework never used. (Keras's
+    `.keras` serializer still imports TensorFlow, when installed, at the first save.)
     """
     import keras
 
