@@ -35,8 +35,7 @@ import keras  # noqa: E402
 import param  # noqa: E402
 
 from keras_ham import dashboard_logic as logic  # noqa: E402
-from keras_ham.gradcam import GradCAMError  # noqa: E402
-from keras_ham.model import ModelError  # noqa: E402
+from keras_ham.errors import KerasHamError  # noqa: E402
 
 LOG = logging.getLogger("keras_ham.dashboard")
 
@@ -518,7 +517,7 @@ class DashboardSession:
         try:
             self.bundle = logic.load_model_bundle(path)
             self.model_problem = None
-        except (ModelError, GradCAMError) as error:
+        except KerasHamError as error:
             self.bundle = None
             self.model_problem = str(error)
 
@@ -533,7 +532,7 @@ class DashboardSession:
         self.model_select.loading = True
         try:
             bundle = await asyncio.to_thread(logic.load_model_bundle, path)
-        except (ModelError, GradCAMError) as error:
+        except KerasHamError as error:
             self.model_message.object, self.model_message.visible = str(error), True
             return
         finally:

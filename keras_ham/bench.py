@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import write_json_atomic
 from keras_ham.machine import cpu_model, load_average, package_version
 
@@ -65,7 +66,7 @@ TARGETS = {
 }
 
 
-class BenchError(RuntimeError):
+class BenchError(KerasHamError, RuntimeError):
     """The benchmark cannot run as asked (bad option, missing data, a worker failed)."""
 
 

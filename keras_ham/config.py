@@ -16,8 +16,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from keras_ham.errors import KerasHamError
 
-class ConfigError(ValueError):
+
+class ConfigError(KerasHamError, ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 

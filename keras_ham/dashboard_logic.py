@@ -32,10 +32,11 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from keras_ham.errors import KerasHamError
 from keras_ham.gradcam import GradCAM, GradCAMError, load_class_names, overlay
 from keras_ham.images import ImageError, load_image
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES
-from keras_ham.model import ModelError, load_classifier
+from keras_ham.model import load_classifier
 from keras_ham.predict import Predictor, top_classes
 
 #: Largest upload accepted, in bytes (FilePond's "20MB" is 20,000,000 bytes too).
@@ -56,7 +57,7 @@ RUN_FILES = ("history.csv", "config.yaml", "summary.json", "labels.json")
 HISTORY_PAIRS = (("loss", "val_loss"), ("accuracy", "val_accuracy"), ("balanced_accuracy", "val_balanced_accuracy"))
 
 
-class ModelChoiceError(ValueError):
+class ModelChoiceError(KerasHamError, ValueError):
     """A model path was asked for that the dashboard does not serve."""
 
 
@@ -405,10 +406,8 @@ def analyze_upload(
         )
         card.heatmaps[card.predicted_index] = heatmap  # the predicted class's Grad-CAM comes with every card
         return card
-    except (ImageError, GradCAMError, ModelError) as error:
+    except KerasHamError as error:  # unreadable image, model without a feature map, ...
         return ErrorCard(card_id, filename, str(error))
-    except (OSError, SyntaxError) as error:  # Pillow errors load_image lets through (e.g. a cut-off header)
-        return ErrorCard(card_id, filename, f"{filename}: corrupt or truncated image ({error}).")
 
 
 class SessionCards:

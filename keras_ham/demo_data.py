@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.metadata import IMAGE_PART_DIRS, METADATA_COLUMNS
@@ -80,7 +81,7 @@ _LOCALIZATIONS = {
 _SEXES = {"male": 0.54, "female": 0.455, "unknown": 0.005}
 
 
-class DemoDataError(ValueError):
+class DemoDataError(KerasHamError, ValueError):
     """Bad demo-data parameters, or an existing folder that holds a different demo set."""
 
 

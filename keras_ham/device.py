@@ -24,8 +24,10 @@ import os
 import sys
 from typing import Callable, Mapping
 
+from keras_ham.errors import KerasHamError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(KerasHamError, RuntimeError):
     """The requested device is not available on this machine."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
+from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import atomic_path
 from keras_ham.metadata import IMAGE_PART_DIRS, MetadataError, index_images, read_metadata
 
@@ -40,7 +41,7 @@ CREDENTIALS_HELP = (
 )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(KerasHamError, RuntimeError):
     """The dataset could not be downloaded or is incomplete; the message says what to do."""
 
 

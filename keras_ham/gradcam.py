@@ -31,6 +31,7 @@ import keras
 import numpy as np
 from PIL import Image
 
+from keras_ham.errors import KerasHamError
 from keras_ham.images import load_image
 from keras_ham.io_utils import atomic_path
 from keras_ham.labels import CLASS_NAMES
@@ -43,7 +44,7 @@ LOGITS_LAYER = "logits"
 _MAX_LISTED = 12
 
 
-class GradCAMError(ValueError):
+class GradCAMError(KerasHamError, ValueError):
     """Grad-CAM cannot run: unknown or unsuitable layer, bad class index, bad image input."""
 
 

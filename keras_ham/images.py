@@ -16,6 +16,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from keras_ham.errors import KerasHamError
+
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
 #: Refuse images above this many pixels (decompression bombs). A 6000x4000 photo is 24 MP;
@@ -28,7 +30,7 @@ MAX_PIXELS = 64_000_000
 _WARNING_FILTERS_LOCK = threading.Lock()
 
 
-class ImageError(ValueError):
+class ImageError(KerasHamError, ValueError):
     """An image could not be read; the message names the file and the reason."""
 
 

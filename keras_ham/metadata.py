@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from keras_ham.errors import KerasHamError
 from keras_ham.labels import CLASS_NAMES
 
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -21,7 +22,7 @@ IMAGE_PART_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-class MetadataError(ValueError):
+class MetadataError(KerasHamError, ValueError):
     """A metadata or split CSV is unusable; the message names the file and rows."""
 
 

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from keras_ham.config import Config
+from keras_ham.errors import KerasHamError
 from keras_ham.labels import NUM_CLASSES
 
 #: Per-channel means (BGR) of ImageNet, as `keras.applications.resnet50.preprocess_input`.
@@ -30,7 +31,7 @@ LOGITS_LAYER = "logits"
 OUTPUT_LAYER = "probabilities"
 
 
-class ModelError(ValueError):
+class ModelError(KerasHamError, ValueError):
     """The model cannot be built or loaded as configured."""
 
 

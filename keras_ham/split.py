@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import write_csv_atomic
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.metadata import (
@@ -34,7 +35,7 @@ PAIR_COLUMNS = ("image_id_a", "image_id_b", "split_a", "split_b", "distance")
 MAX_FOLDS = 10
 
 
-class SplitError(ValueError):
+class SplitError(KerasHamError, ValueError):
     """The metadata cannot be split as asked; the message says why and what to change."""
 
 

@@ -34,6 +34,7 @@ from keras_ham import __version__
 from keras_ham.config import Config
 from keras_ham.dataset import class_weights, dataset_from_split_csv
 from keras_ham.device import DeviceChoice, make_optimizer, set_random_seed
+from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES, NUM_CLASSES
 from keras_ham.machine import cpu_model, package_versions
@@ -51,7 +52,7 @@ STATE_DIR = "state"
 STATE_FILE = "state.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(KerasHamError, RuntimeError):
     """Training cannot start or continue as asked."""
 
 

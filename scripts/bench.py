@@ -23,15 +23,15 @@ from keras_ham.bench import (  # noqa: E402  (keras_ham.bench does not import Ke
     BACKENDS,
     EXTRA_SECTIONS,
     SECTIONS,
-    BenchError,
     format_table,
     make_options,
     parse_list,
     run_benchmarks,
 )
-from keras_ham.metadata import MetadataError  # noqa: E402
+from keras_ham.cli import script_main  # noqa: E402
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, help="square input size in pixels (default 128; quick 32)")
@@ -55,30 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and steps: checks the benchmark runs")
     parser.add_argument("--out", default="bench/out/results.json", help="JSON output (default bench/out/results.json)")
     args = parser.parse_args(argv)
-    try:
-        options = make_options(
-            quick=args.quick,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            warmup_steps=args.warmup_steps,
-            repeats=args.repeats,
-            rounds=args.rounds,
-            model=args.model,
-            latency_runs=args.latency_runs,
-            loader_images=args.loader_images,
-            sections=parse_list(args.only, SECTIONS + EXTRA_SECTIONS, "--only") if args.only else None,
-            backends=parse_list(args.backends, BACKENDS, "--backends") if args.backends else None,
-            data_dir=args.data_dir,
-            generated_data=args.generated_data,
-            threads=args.threads,
-            device=args.device,
-        )
-        results = run_benchmarks(options, args.out, log=lambda message: print(message, flush=True),
-                                 argv=sys.argv if argv is None else ["scripts/bench.py", *argv])
-    except (BenchError, MetadataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    options = make_options(
+        quick=args.quick,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        repeats=args.repeats,
+        rounds=args.rounds,
+        model=args.model,
+        latency_runs=args.latency_runs,
+        loader_images=args.loader_images,
+        sections=parse_list(args.only, SECTIONS + EXTRA_SECTIONS, "--only") if args.only else None,
+        backends=parse_list(args.backends, BACKENDS, "--backends") if args.backends else None,
+        data_dir=args.data_dir,
+        generated_data=args.generated_data,
+        threads=args.threads,
+        device=args.device,
+    )
+    results = run_benchmarks(options, args.out, log=lambda message: print(message, flush=True),
+                             argv=sys.argv if argv is None else ["scripts/bench.py", *argv])
     print()
     print(format_table(results))
     print(f"\nwrote {args.out}")

@@ -17,11 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from keras_ham.config import Config  # noqa: E402
 from keras_ham.download import (  # noqa: E402
     DEFAULT_DATASET,
-    DownloadError,
     download_dataset,
     setup_kaggle_credentials,
 )
-from keras_ham.metadata import MetadataError  # noqa: E402
+from keras_ham.cli import script_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,18 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@script_main(interrupted="error: interrupted; nothing was changed in the target folder.")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.setup:
-            setup_kaggle_credentials()
-        download_dataset(args.dataset, args.out, force=args.force, quiet=args.quiet)
-    except (DownloadError, MetadataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was changed in the target folder.", file=sys.stderr)
-        return 130
+    if args.setup:
+        setup_kaggle_credentials()
+    download_dataset(args.dataset, args.out, force=args.force, quiet=args.quiet)
     return 0
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from keras_ham.device import DeviceError, configure_device  # noqa: E402
+from keras_ham.cli import add_device_argument, script_main  # noqa: E402
+from keras_ham.device import configure_device  # noqa: E402
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file written by scripts/train.py")
@@ -29,24 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: <model folder>/eval_<csv name>)")
     parser.add_argument("--tta", action="store_true", help="average predictions over flips")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "directml"])
+    add_device_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        configure_device(args.device)
-    except DeviceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    configure_device(args.device)  # before Keras is imported
     from keras_ham.evaluate import evaluate
-    from keras_ham.images import ImageError
-    from keras_ham.metadata import MetadataError
-    from keras_ham.model import ModelError
 
-    try:
-        evaluate(args.model, args.csv, image_dirs=args.images, out_dir=args.out, tta=args.tta,
-                 batch_size=args.batch_size)
-    except (MetadataError, ImageError, ModelError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    evaluate(args.model, args.csv, image_dirs=args.images, out_dir=args.out, tta=args.tta,
+             batch_size=args.batch_size)
     return 0
 
 

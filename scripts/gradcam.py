@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from keras_ham.images import ImageError  # noqa: E402
+from keras_ham.cli import add_device_argument, script_main  # noqa: E402
 from keras_ham.labels import CLASS_NAMES  # noqa: E402
 
 
@@ -36,22 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer", default=None, help="layer to explain (default: the last 4-D feature map, conv5_block3_out)")
     parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in [0, 1] (default 0.4)")
     parser.add_argument("--colormap", default="jet", help="matplotlib colormap (default jet)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "directml"],
-                        help="torch device (default: the best available)")
+    add_device_argument(parser)
     return parser
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from keras_ham.device import DeviceError, configure_device
+    from keras_ham.device import configure_device
 
-    try:
-        configure_device(args.device, log=None)  # before Keras is imported
-    except DeviceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from keras_ham.gradcam import GradCAMError, write_overlays
-    from keras_ham.model import ModelError
+    configure_device(args.device, log=None)  # before Keras is imported
+    from keras_ham.gradcam import write_overlays
 
     def report(record) -> None:
         line = f"{record.image_path}: predicted {record.predicted} (p={record.predicted_probability:.3f})"
@@ -59,20 +54,16 @@ def main(argv: list[str] | None = None) -> int:
             line += f", explained {record.explained} (p={record.explained_probability:.3f})"
         print(f"{line} -> {record.overlay_path}", flush=True)
 
-    try:
-        write_overlays(
-            args.model,
-            args.images,
-            args.out,
-            target_class=args.target_class,
-            layer_name=args.layer,
-            alpha=args.alpha,
-            colormap=args.colormap,
-            progress=report,
-        )
-    except (GradCAMError, ImageError, ModelError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    write_overlays(
+        args.model,
+        args.images,
+        args.out,
+        target_class=args.target_class,
+        layer_name=args.layer,
+        alpha=args.alpha,
+        colormap=args.colormap,
+        progress=report,
+    )
     return 0
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from keras_ham.cli import script_main  # noqa: E402
 from keras_ham.config import Config  # noqa: E402
-from keras_ham.images import ImageError  # noqa: E402
-from keras_ham.metadata import MetadataError  # noqa: E402
 from keras_ham.near_duplicates import DEFAULT_THRESHOLD, HASH_BITS  # noqa: E402
 from keras_ham.split_report import inspect_splits  # noqa: E402
 
@@ -60,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,18 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threshold must be in [0, {HASH_BITS}], received {args.threshold}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, received {args.workers}")
-    try:
-        report = inspect_splits(
-            args.splits,
-            image_dirs=args.images if args.images is not None else Config().image_dirs,
-            near_duplicates=args.near_duplicates,
-            threshold=args.threshold,
-            pairs_out=args.pairs_out,
-            workers=args.workers,
-        )
-    except (MetadataError, ImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = inspect_splits(
+        args.splits,
+        image_dirs=args.images if args.images is not None else Config().image_dirs,
+        near_duplicates=args.near_duplicates,
+        threshold=args.threshold,
+        pairs_out=args.pairs_out,
+        workers=args.workers,
+    )
     if report.problems:
         print(f"error: the split in {args.splits} failed {len(report.problems)} check(s); see above.", file=sys.stderr)
         return 1

@@ -19,11 +19,11 @@ from keras_ham.demo_data import (  # noqa: E402
     LESIONS_FILE,
     METADATA_FILE,
     MIN_LESIONS_PER_CLASS,
-    DemoDataError,
     make_demo_data,
 )
+from keras_ham.cli import script_main  # noqa: E402
 from keras_ham.labels import CLASS_NAMES  # noqa: E402
-from keras_ham.metadata import MetadataError, read_metadata  # noqa: E402
+from keras_ham.metadata import read_metadata  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,20 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@script_main(also=(OSError,))  # OSError: the output folder cannot be written
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out_dir = make_demo_data(
-            args.out,
-            seed=args.seed,
-            num_lesions=args.num_lesions,
-            min_lesions_per_class=args.min_lesions_per_class,
-            force=args.force,
-        )
-        frame = read_metadata(out_dir / METADATA_FILE)
-    except (DemoDataError, MetadataError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out_dir = make_demo_data(
+        args.out,
+        seed=args.seed,
+        num_lesions=args.num_lesions,
+        min_lesions_per_class=args.min_lesions_per_class,
+        force=args.force,
+    )
+    frame = read_metadata(out_dir / METADATA_FILE)
     images = frame["dx"].value_counts()
     lesions = frame.drop_duplicates("lesion_id")["dx"].value_counts()
     print(f"{out_dir}: {len(frame)} images of {frame['lesion_id'].nunique()} lesions")

@@ -15,9 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from keras_ham.device import DeviceError, configure_device  # noqa: E402
+from keras_ham.cli import add_device_argument, script_main  # noqa: E402
+from keras_ham.device import configure_device  # noqa: E402
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file written by scripts/train.py")
@@ -26,28 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=3, help="how many classes to print per image (default 3)")
     parser.add_argument("--tta", action="store_true", help="average predictions over flips")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "directml"])
+    add_device_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        configure_device(args.device, log=None)
-    except DeviceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    configure_device(args.device, log=None)  # before Keras is imported
     import pandas as pd
 
-    from keras_ham.images import ImageError
     from keras_ham.io_utils import write_csv_atomic
     from keras_ham.labels import CLASS_NAMES
-    from keras_ham.model import ModelError
     from keras_ham.predict import Predictor, expand_image_paths, predict_files, top_classes
 
-    try:
-        paths = expand_image_paths(args.paths)
-        predictor = Predictor.from_file(args.model, batch_size=args.batch_size, tta=args.tta)
-        probabilities = predict_files(predictor, paths)
-    except (ImageError, ModelError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    paths = expand_image_paths(args.paths)
+    predictor = Predictor.from_file(args.model, batch_size=args.batch_size, tta=args.tta)
+    probabilities = predict_files(predictor, paths)
     for path, ranked in zip(paths, top_classes(probabilities, k=max(1, min(args.top, len(CLASS_NAMES))))):
         shown = "  ".join(f"{name} {probability:.3f}" for name, probability in ranked)
         print(f"{path}: {shown}")

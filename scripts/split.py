@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from keras_ham.config import Config, ConfigError, add_config_arguments, load_config  # noqa: E402
-from keras_ham.metadata import MetadataError  # noqa: E402
-from keras_ham.split import SplitError, write_split_files  # noqa: E402
+from keras_ham.cli import script_main  # noqa: E402
+from keras_ham.config import Config, add_config_arguments, load_config  # noqa: E402
+from keras_ham.split import write_split_files  # noqa: E402
 
 DEFAULT_META = "data/raw/HAM10000_metadata.csv"
 
@@ -55,34 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        chosen = {
-            key: value
-            for key, value in (
-                ("seed", args.seed),
-                ("test_fraction", args.test_fraction),
-                ("val_fraction", args.val_fraction),
-                ("image_dirs", args.images),
-            )
-            if value is not None
-        }
-        config = config.replace(**chosen)  # validates ranges
-        write_split_files(
-            args.meta,
-            args.out or Path(config.train_csv).parent,
-            seed=config.seed,
-            test_fraction=config.test_fraction,
-            val_fraction=config.val_fraction,
-            image_dirs=config.image_dirs,
-            drop_missing=args.drop_missing,
-            keep_together_csv=args.keep_together,
+    config = load_config(args.config, args.overrides)
+    chosen = {
+        key: value
+        for key, value in (
+            ("seed", args.seed),
+            ("test_fraction", args.test_fraction),
+            ("val_fraction", args.val_fraction),
+            ("image_dirs", args.images),
         )
-    except (ConfigError, MetadataError, SplitError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        if value is not None
+    }
+    config = config.replace(**chosen)  # validates ranges
+    write_split_files(
+        args.meta,
+        args.out or Path(config.train_csv).parent,
+        seed=config.seed,
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+        image_dirs=config.image_dirs,
+        drop_missing=args.drop_missing,
+        keep_together_csv=args.keep_together,
+    )
     return 0
 
 

@@ -39,7 +39,7 @@ def test_model_contract_raw_images_to_probabilities(resnet50):
 
 def test_preprocessing_equals_keras_applications_resnet50(resnet50):
     x = images(3)
-    probe = keras.Model(resnet50.inputs, resnet50.get_layer(PREPROCESS_LAYER).output)
+    probe = keras.Model(resnet50.inputs[0], resnet50.get_layer(PREPROCESS_LAYER).output)
     ours = keras.ops.convert_to_numpy(probe(x, training=False))
     expected = keras.applications.resnet50.preprocess_input(x.copy())
     np.testing.assert_allclose(ours, expected, atol=1e-3)

@@ -1,0 +1,49 @@
+"""What the command-line scripts share: user errors as one line, exit codes, --device."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable
+
+from keras_ham.errors import KerasHamError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps", "directml")
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str | None = "auto", help: str | None = None) -> None:
+    parser.add_argument("--device", default=default, choices=DEVICE_CHOICES,
+                        help=help or "torch device (default: the best available: DirectML, CUDA, MPS, then CPU)")
+
+
+def script_main(
+    main: Callable[..., int] | None = None,
+    *,
+    interrupted: str = "interrupted",
+    also: tuple[type[BaseException], ...] = (),
+):
+    """Decorate a script's `main(argv) -> int`.
+
+    A `KerasHamError` (or one of `also`) prints `error: <message>` to stderr and returns 2;
+    its message already says what is wrong, so a traceback would only bury it. Ctrl-C prints
+    `interrupted` and returns 130.
+    """
+
+    def decorate(function: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs) -> int:
+            try:
+                return function(*args, **kwargs)
+            except (KerasHamError, *also) as error:
+                print(f"error: {error}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            except KeyboardInterrupt:
+                print(f"\n{interrupted}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+
+        return wrapper
+
+    return decorate(main) if main is not None else decorate
