@@ -133,6 +133,37 @@ def _monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
+class _ResumableCounters:
+    """Mixin for a monitoring callback: its patience counters travel in the run state, so a
+    resumed run stops, or lowers the learning rate, on the same epoch as an uninterrupted one."""
+
+    COUNTERS: tuple[str, ...] = ("wait", "best")
+
+    def __init__(self, *args, restored: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._restored = dict(restored or {})
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)  # resets the counters
+        for key, value in self._restored.items():
+            if key in self.COUNTERS:
+                setattr(self, key, value)
+        self._restored = {}
+
+    def counters(self) -> dict:
+        values = {key: getattr(self, key) for key in self.COUNTERS}
+        return {key: value if value is None else (float(value) if key == "best" else int(value))
+                for key, value in values.items()}
+
+
+class ResumableEarlyStopping(_ResumableCounters, keras.callbacks.EarlyStopping):
+    COUNTERS = ("wait", "best", "best_epoch")
+
+
+class ResumableReduceLROnPlateau(_ResumableCounters, keras.callbacks.ReduceLROnPlateau):
+    COUNTERS = ("wait", "best", "cooldown_counter")
+
+
 class RunCheckpoint(keras.callbacks.Callback):
     """After each epoch: best model, history, resume checkpoint; all atomic.
 
@@ -149,6 +180,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.log = log
         self.mode = _monitor_mode(config.monitor)
         self.epoch_started = 0.0
+        #: name -> callback whose patience counters are saved with the state (set per phase).
+        self.counter_callbacks: dict[str, _ResumableCounters] = {}
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.perf_counter()
@@ -182,6 +215,11 @@ class RunCheckpoint(keras.callbacks.Callback):
                 self.export_model.save(tmp)
             self.state.update(best_score=float(monitored), best_epoch=epoch + 1)
             self.log(f"epoch {epoch + 1}: {self.config.monitor} improved to {float(monitored):.4f}; saved {BEST_MODEL}")
+        self.state["callback_counters"] = {name: cb.counters() for name, cb in self.counter_callbacks.items()}
+        early_stopping = self.counter_callbacks.get("early_stopping")
+        if early_stopping is not None and self.model.stop_training and early_stopping.stopped_epoch == epoch:
+            self.state["stopped_reason"] = (f"early stopping: {self.config.monitor} did not improve for "
+                                            f"{self.config.early_stopping_patience} epochs")
         self._save_state(epoch + 1)
 
     def _save_state(self, next_epoch: int) -> None:
@@ -292,7 +330,8 @@ def train(
     state_file = run_dir / STATE_DIR / STATE_FILE
     if resuming:
         state.update(json.loads(state_file.read_text(encoding="utf-8")))
-        log(f"resuming {run_dir} from epoch {state['epoch'] + 1} (best so far: {state['best_score']})")
+        counters = "".join(f"; {name} waited {c['wait']} epoch(s)" for name, c in state.get("callback_counters", {}).items())
+        log(f"resuming {run_dir} from epoch {state['epoch'] + 1} (best so far: {state['best_score']}{counters})")
 
     model = build_model(config)
     export_model = build_model(config.replace(weights=None))
@@ -316,16 +355,22 @@ def train(
         # Keras calls the dataset's on_epoch_end once before the first epoch, so pin the
         # shuffle order to the absolute epoch: a resumed run sees the same orders.
         pin_epoch = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: setattr(train_data, "epoch", epoch))
-        callbacks = [pin_epoch, keras.callbacks.TerminateOnNaN(), checkpoint_cb]
+        # Counters carry over only inside a phase: each phase starts fresh ones, resumed or not.
+        restored = state.get("callback_counters", {}) if state["epoch"] > first_epoch else {}
+        checkpoint_cb.counter_callbacks = {}
         if config.lr_schedule == "plateau":
-            callbacks.insert(0, keras.callbacks.ReduceLROnPlateau(monitor=config.monitor, factor=0.5, patience=2,
-                                                                  mode=_monitor_mode(config.monitor), verbose=1))
+            schedule = checkpoint_cb.counter_callbacks["plateau"] = ResumableReduceLROnPlateau(
+                monitor=config.monitor, factor=0.5, patience=2, mode=_monitor_mode(config.monitor), verbose=1,
+                restored=restored.get("plateau"))
         else:
-            callbacks.insert(0, keras.callbacks.LearningRateScheduler(lambda epoch, _lr: learning_rate_at(epoch, config)))
+            schedule = keras.callbacks.LearningRateScheduler(lambda epoch, _lr: learning_rate_at(epoch, config))
+        callbacks = [schedule, pin_epoch, keras.callbacks.TerminateOnNaN()]
         if config.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
+            callbacks.append(ResumableEarlyStopping(
                 monitor=config.monitor, mode=_monitor_mode(config.monitor), patience=config.early_stopping_patience,
-                verbose=1))
+                verbose=1, restored=restored.get("early_stopping")))
+            checkpoint_cb.counter_callbacks["early_stopping"] = callbacks[-1]
+        callbacks.append(checkpoint_cb)  # last of ours: it saves the counters the others just updated
         callbacks.extend(extra_callbacks)
         first = state["epoch"]
         fit_started = time.perf_counter()

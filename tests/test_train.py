@@ -154,3 +154,97 @@ def test_train_script_rejects_bad_config_without_traceback(repo_root, tmp_path):
     assert "Unknown config key(s): learning_rate" in out.stderr and "Traceback" not in out.stderr
     out = run_script(str(repo_root / "scripts" / "train.py"), "--config", str(bad), "--set", "lr=-1", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def _feed(callback, model, values, first_epoch=0):
+    """Drive a monitoring callback through epochs with the given monitor values."""
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, value in enumerate(values, start=first_epoch):
+        callback.on_epoch_end(epoch, {"val_score": value})
+        if model.stop_training:
+            return epoch
+    return None
+
+
+def _tiny_compiled_model():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="mse")
+    return model
+
+
+def test_early_stopping_counters_survive_a_resume():
+    from keras_ham.train import ResumableEarlyStopping
+
+    scores = [0.5, 0.4, 0.4, 0.4, 0.4, 0.4]
+
+    def make(restored=None):
+        return ResumableEarlyStopping(monitor="val_score", mode="max", patience=3, restored=restored)
+
+    straight = _feed(make(), _tiny_compiled_model(), scores)
+    assert straight == 3
+    first = make()
+    assert _feed(first, _tiny_compiled_model(), scores[:2]) is None
+    saved = json.loads(json.dumps(first.counters()))  # as stored in state.json
+    assert saved == {"wait": 1, "best": 0.5, "best_epoch": 0}
+    assert _feed(make(saved), _tiny_compiled_model(), scores[2:], first_epoch=2) == straight
+    # Without the counters the resumed run would have trained longer.
+    assert _feed(make(), _tiny_compiled_model(), scores[2:], first_epoch=2) != straight
+
+
+def test_plateau_counters_survive_a_resume():
+    from keras_ham.train import ResumableReduceLROnPlateau
+
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6]
+
+    def lr_after(callback, values, first_epoch=0, model=None):
+        model = model or _tiny_compiled_model()
+        _feed(callback, model, values, first_epoch)
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+    def make(restored=None):
+        return ResumableReduceLROnPlateau(monitor="val_score", mode="max", patience=2, factor=0.5,
+                                          restored=restored)
+
+    assert lr_after(make(), scores) == pytest.approx(5e-4)  # reduced once, at epoch 4
+    first = make()
+    lr_after(first, scores[:3])
+    saved = json.loads(json.dumps(first.counters()))
+    assert saved == {"wait": 1, "best": 0.6, "cooldown_counter": 0}
+    assert lr_after(make(saved), scores[3:], first_epoch=3) == pytest.approx(5e-4)
+    assert lr_after(make(), scores[3:], first_epoch=3) == pytest.approx(1e-3)
+
+
+def test_resumed_training_restores_the_saved_counters(tiny_demo, tmp_path, monkeypatch):
+    from keras_ham import train as train_module
+
+    config = tiny_config(tiny_demo, tmp_path, max_epochs=3, lr_schedule="plateau", early_stopping_patience=5,
+                         run_name="counters")
+
+    class InterruptAfterSecondEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, log=quiet, verbose=0, extra_callbacks=[InterruptAfterSecondEpoch()])
+    state = json.loads((tmp_path / "runs" / "counters" / "state" / "state.json").read_text())
+    counters = state["callback_counters"]
+    assert set(counters) == {"plateau", "early_stopping"} and state["epoch"] == 2
+    assert counters["early_stopping"]["best"] == pytest.approx(state["best_score"])
+
+    seen = {}
+    for cls in (train_module.ResumableEarlyStopping, train_module.ResumableReduceLROnPlateau):
+        def on_train_begin(self, logs=None, _original=cls.on_train_begin):
+            _original(self, logs)
+            seen[type(self).__name__] = self.counters()
+        monkeypatch.setattr(cls, "on_train_begin", on_train_begin)
+
+    messages = []
+    result = train(config, log=messages.append, verbose=0)
+    assert result.epochs_run == 3
+    assert seen == {"ResumableEarlyStopping": counters["early_stopping"],
+                    "ResumableReduceLROnPlateau": counters["plateau"]}
+    resumed = [m for m in messages if m.startswith("resuming")]
+    assert resumed and f"early_stopping waited {counters['early_stopping']['wait']} epoch(s)" in resumed[0]
