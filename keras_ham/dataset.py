@@ -87,7 +87,8 @@ def build_cache(
     shape = (len(paths), image_size, image_size, 3)
     if path.is_file() and _is_valid_cache(path, shape):
         return path
-    label = f"caching {len(paths)} images at {image_size}x{image_size} into {path}"
+    size_mb = math.prod(shape) / 2**20
+    label = f"caching {len(paths)} images at {image_size}x{image_size} ({size_mb:,.0f} MiB) into {path}"
     started = time.perf_counter()
     with atomic_path(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
