@@ -246,7 +246,7 @@ def prediction_html(card: logic.ImageCard, threshold: float) -> str:
 
 
 class CardView:
-    """The widgets of one ImageCard: images, prediction, Grad-CAM class and opacity."""
+    """The widgets of one ImageCard: images, prediction, Grad-CAM class, layer and opacity."""
 
     def __init__(self, card: logic.ImageCard, threshold: float, on_remove):
         self.card = card
@@ -254,7 +254,15 @@ class CardView:
         options = {f"{name} ({'predicted' if i == card.predicted_index else _percent(float(card.probabilities[i]))})": i
                    for i, name in enumerate(names)}
         self.class_select = pn.widgets.Select(label="Explain class", options=options, value=card.predicted_index,
-                                              width=200, margin=(0, 8, 0, 0))
+                                              width=200, margin=(0, 8, 0, 0), css_classes=["kh-class-select"])
+        layers = {f"{name} · {h}×{w}" + (" (default)" if name == card.bundle.default_layer else ""): name
+                  for name, (h, w) in card.bundle.layer_choices}
+        self.layer_select = pn.widgets.Select(
+            label="Grad-CAM layer", options=layers, value=card.bundle.default_layer, width=CARD_WIDTH - 32,
+            margin=(4, 8, 0, 0),
+            css_classes=["kh-layer-select"],
+            description="Deeper layers are more class-specific but coarser; cards open at the deepest one "
+                        f"with at least {logic.MIN_DISPLAY_CAM_CELLS}×{logic.MIN_DISPLAY_CAM_CELLS} cells.")
         self.opacity = pn.widgets.FloatSlider(label="Grad-CAM opacity", start=0.0, end=1.0, step=0.05,
                                               value=logic.DEFAULT_OPACITY, width=190, margin=(0, 0, 0, 8))
         self.original = pn.pane.PNG(logic.encode_png(card.image), width=IMAGE_WIDTH, alt_text="uploaded image",
@@ -267,7 +275,8 @@ class CardView:
         remove = pn.widgets.Button(label="✕", color="light", width=36, height=30, margin=0,
                                    description="Remove this card", css_classes=["kh-remove"])
         remove.on_click(lambda _event: on_remove(card.card_id))
-        self.class_select.param.watch(self._on_class, "value")
+        self.class_select.param.watch(self._on_explain, "value")
+        self.layer_select.param.watch(self._on_explain, "value")
         self.opacity.param.watch(self._on_opacity, "value")
         header = pn.Row(
             _html(f'<b title="{html.escape(card.filename)}">{html.escape(_short(card.filename))}</b>'
@@ -281,38 +290,45 @@ class CardView:
             self.captions,
             self.prediction,
             pn.Row(self.class_select, self.opacity),
+            self.layer_select,
             width=CARD_WIDTH, styles=CARD_STYLES, css_classes=["kh-card"], margin=8,
         )
 
     def _captions_html(self) -> str:
         explained = self.card.class_names[self.class_select.value]
+        layer = self.layer_select.value
+        where = "" if layer == self.card.bundle.default_layer else f" at {html.escape(layer)}"
         return (f'<div class="kh-note kh-caption" style="display:flex">'
                 f'<span style="width:{IMAGE_WIDTH + 8}px">image</span>'
-                f"<span>Grad-CAM: <b>{html.escape(explained)}</b>"
+                f"<span>Grad-CAM: <b>{html.escape(explained)}</b>{where}"
                 '<span class="kh-scale" title="blue: little evidence for the class, red: the strongest">'
                 "low <i></i> high</span></span></div>")
 
     def set_threshold(self, threshold: float) -> None:
         self.prediction.object = prediction_html(self.card, threshold)
 
+    def _chosen(self) -> tuple[int, str]:
+        return self.class_select.value, self.layer_select.value
+
     def _render_overlay(self) -> None:
-        index = self.class_select.value
-        if index not in self.card.heatmaps:  # still being computed; that callback redraws
+        index, layer = self._chosen()
+        if self.card.heatmap_key(index, layer) not in self.card.heatmaps:  # being computed; that callback redraws
             return
-        self.gradcam.object = logic.encode_png(self.card.overlay(index, self.opacity.value))
+        self.gradcam.object = logic.encode_png(self.card.overlay(index, self.opacity.value, layer))
         self.captions.object = self._captions_html()
 
     def _on_opacity(self, _event) -> None:
         self._render_overlay()  # re-blends the cached map: no model call
 
-    async def _on_class(self, event) -> None:
-        if event.new not in self.card.heatmaps:
+    async def _on_explain(self, _event) -> None:
+        chosen = self._chosen()
+        if self.card.heatmap_key(*chosen) not in self.card.heatmaps:
             self.gradcam.loading = True
             try:
-                await asyncio.to_thread(self.card.heatmap, event.new)
+                await asyncio.to_thread(self.card.heatmap, *chosen)
             finally:
                 self.gradcam.loading = False
-            if self.class_select.value != event.new:  # a newer choice will draw itself
+            if self._chosen() != chosen:  # a newer choice will draw itself
                 return
         self._render_overlay()
 

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from keras_ham.errors import KerasHamError
-from keras_ham.gradcam import GradCAM, GradCAMError, load_class_names, overlay
+from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, load_class_names, overlay
 from keras_ham.images import ImageError, load_image
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES
 from keras_ham.model import load_classifier
@@ -51,6 +51,9 @@ MODEL_FILE = "best.keras"
 DEMO_TRAIN_COMMAND = "python scripts/train.py --config configs/demo.yaml"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_OPACITY = 0.4
+#: Cards open at the deepest Grad-CAM layer whose map has at least this many cells a side
+#: (ResNet50's conv5 map at 224 px is 7x7), so a small-input model does not open on a 2x2 map.
+MIN_DISPLAY_CAM_CELLS = 7
 TOP_K = 3
 
 RUN_FILES = ("history.csv", "config.yaml", "summary.json", "labels.json")
@@ -158,6 +161,15 @@ def validate_model_choice(path: str | os.PathLike, runs_dir: str | os.PathLike, 
 # --------------------------------------------------------------------------- shared models
 
 
+def display_layer(choices: Sequence[tuple[str, tuple]]) -> str | None:
+    """The layer cards open at: the deepest of `choices` (as from `layer_choices`) with at
+    least MIN_DISPLAY_CAM_CELLS cells a side, else the finest offered; None without choices."""
+    for name, size in choices:
+        if any(cells is None for cells in size) or min(size) >= MIN_DISPLAY_CAM_CELLS:
+            return name
+    return choices[-1][0] if choices else None
+
+
 class ModelBundle:
     """A loaded classifier with its Predictor, Grad-CAM and class texts; one per path.
 
@@ -169,7 +181,10 @@ class ModelBundle:
         self.path = Path(path)
         model = load_classifier(self.path)
         self.predictor = Predictor(model, batch_size=1)
-        self.gradcam = GradCAM(model)
+        #: [(layer name, (h, w))], deepest first: the layers a card may explain at.
+        self.layer_choices = layer_choices(model)
+        self.gradcam = GradCAM(model, layer_name=display_layer(self.layer_choices))  # cards open at this layer
+        self._gradcams = {self.gradcam.layer_name: self.gradcam}
         self.image_size = self.predictor.image_size
         self.class_names = load_class_names(self.path, self.gradcam.num_classes)
         self.full_names, self.descriptions = _class_texts(self.path, self.class_names)
@@ -194,10 +209,21 @@ class ModelBundle:
             result = self.gradcam.cam(model_input[None])
         return result.probabilities[0], result.heatmaps[0]
 
-    def heatmap(self, model_input: np.ndarray, class_index: int) -> np.ndarray:
-        """(S, S, 3) uint8 -> (S, S) float32 Grad-CAM in [0, 1] for `class_index`."""
+    @property
+    def default_layer(self) -> str:
+        return self.gradcam.layer_name
+
+    def heatmap(self, model_input: np.ndarray, class_index: int, layer: str | None = None) -> np.ndarray:
+        """(S, S, 3) uint8 -> (S, S) float32 Grad-CAM in [0, 1] for `class_index` at `layer`
+        (one of `layer_choices`; None: the default layer)."""
+        layer = layer or self.default_layer
         with self.lock:
-            return self.gradcam.cam(model_input[None], class_index=int(class_index)).heatmaps[0]
+            if layer not in self._gradcams:
+                offered = [name for name, _size in self.layer_choices]
+                if layer not in offered:
+                    raise GradCAMError(f"layer {layer!r} is not offered for this model; choose one of {', '.join(offered)}.")
+                self._gradcams[layer] = GradCAM(self.gradcam.model, layer_name=layer)
+            return self._gradcams[layer].cam(model_input[None], class_index=int(class_index)).heatmaps[0]
 
 
 def _class_texts(model_path: Path, class_names: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -265,7 +291,7 @@ class ImageCard:
     image:         (H, W, 3) uint8, the upload scaled to at most DISPLAY_SIZE per side.
     model_input:   (S, S, 3) uint8, what the model saw (resized like `load_image`).
     probabilities: (num_classes,) float32 summing to 1.
-    heatmaps:      Grad-CAMs computed so far, by class index, each (S, S) in [0, 1].
+    heatmaps:      Grad-CAMs computed so far, by (layer name, class index), each (S, S) in [0, 1].
     """
 
     card_id: int
@@ -274,7 +300,7 @@ class ImageCard:
     model_input: np.ndarray
     probabilities: np.ndarray
     bundle: ModelBundle
-    heatmaps: dict[int, np.ndarray] = field(default_factory=dict)
+    heatmaps: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
     @property
@@ -301,18 +327,24 @@ class ImageCard:
     def top(self, k: int = TOP_K) -> list[tuple[str, float]]:
         return top_classes(self.probabilities[None], k, self.class_names)[0]
 
-    def heatmap(self, class_index: int | None = None) -> np.ndarray:
-        """Grad-CAM for `class_index` (None: the predicted class), computed once per class."""
+    def heatmap_key(self, class_index: int | None = None, layer: str | None = None) -> tuple[str, int]:
         index = self.predicted_index if class_index is None else int(class_index)
         if not 0 <= index < len(self.class_names):
             raise GradCAMError(f"class index {index} is out of range 0..{len(self.class_names) - 1}.")
-        if index not in self.heatmaps:
-            self.heatmaps[index] = self.bundle.heatmap(self.model_input, index)
-        return self.heatmaps[index]
+        return (layer or self.bundle.default_layer, index)
 
-    def overlay(self, class_index: int | None = None, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
-        """(H, W, 3) uint8: the display image blended with the class's Grad-CAM."""
-        return overlay(self.image, self.heatmap(class_index), alpha=float(opacity))
+    def heatmap(self, class_index: int | None = None, layer: str | None = None) -> np.ndarray:
+        """Grad-CAM for `class_index` (None: the predicted class) at `layer` (None: the
+        default layer), computed once per (layer, class)."""
+        key = self.heatmap_key(class_index, layer)
+        if key not in self.heatmaps:
+            self.heatmaps[key] = self.bundle.heatmap(self.model_input, key[1], key[0])
+        return self.heatmaps[key]
+
+    def overlay(self, class_index: int | None = None, opacity: float = DEFAULT_OPACITY,
+                layer: str | None = None) -> np.ndarray:
+        """(H, W, 3) uint8: the display image blended with the class's Grad-CAM at `layer`."""
+        return overlay(self.image, self.heatmap(class_index, layer), alpha=float(opacity))
 
 
 @dataclass(frozen=True)
@@ -404,7 +436,7 @@ def analyze_upload(
             bundle=bundle,
             notes=_mode_note(raw),
         )
-        card.heatmaps[card.predicted_index] = heatmap  # the predicted class's Grad-CAM comes with every card
+        card.heatmaps[card.heatmap_key()] = heatmap  # the predicted class's Grad-CAM comes with every card
         return card
     except KerasHamError as error:  # unreadable image, model without a feature map, ...
         return ErrorCard(card_id, filename, str(error))

@@ -104,6 +104,23 @@ def default_layer_name(model: keras.Model) -> str:
     return names[-1]
 
 
+def layer_choices(model: keras.Model, count: int = 3) -> list[tuple[str, tuple[int, int]]]:
+    """Grad-CAM layers worth offering, deepest first, with their (h, w): the last feature map
+    at each of the `count` coarsest resolutions. The first is `default_layer_name(model)`.
+
+    The deepest map is the most class-specific but the coarsest: 7x7 for ResNet50 at 224 px,
+    only 2x2 at 64 px, where it can do little more than name a quadrant. One or two stages
+    earlier (e.g. conv4_block6_out, conv3_block4_out) trade some specificity for detail.
+    """
+    last_at_size: dict[tuple, str] = {}
+    for name in feature_map_layers(model):
+        size = tuple(model.get_layer(name).output.shape[1:3])
+        last_at_size.pop(size, None)  # re-inserted: the dict ends up ordered by last appearance
+        last_at_size[size] = name
+    deepest_first = list(last_at_size.items())[::-1][:count]
+    return [(name, size) for size, name in deepest_first]
+
+
 def _find_layer(model: keras.Model, name: str) -> keras.layers.Layer:
     for layer in model.layers:
         if layer.name == name:

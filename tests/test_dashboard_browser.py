@@ -161,11 +161,20 @@ def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browse
 
         # Explain another class: the caption follows the choice once the new cam is drawn.
         other_class = next(name for name in CLASS_NAMES if name != shown)
-        select = card.locator("select")
+        select = card.locator(".kh-class-select select")
         label = next(option for option in select.locator("option").all_inner_texts() if option.startswith(other_class))
         select.select_option(label=label)
         card.locator(".kh-caption b").filter(has_text=other_class).wait_for(state="visible")  # "Grad-CAM: <class>"
         assert card.locator(".kh-gradcam img").is_visible()
+
+        # Explain at another layer: the caption names it once that map is drawn.
+        layers = card.locator(".kh-layer-select select")
+        options = layers.locator("option").all_inner_texts()
+        assert len(options) == 3 and sum("(default)" in option for option in options) == 1, options
+        other_layer = next(option for option in options if "(default)" not in option)
+        layers.select_option(label=other_layer)
+        # (the caption is redrawn with the overlay, i.e. only once the new map exists)
+        card.locator(".kh-caption").filter(has_text=f"at {other_layer.split(' ')[0]}").wait_for(state="visible")
 
         page.locator(".kh-upload input[type=file]").set_input_files(str(corrupt))
         error = page.locator(".kh-error .kh-error-msg")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from keras_ham.gradcam import GradCAM, GradCAMError
 from keras_ham import dashboard_logic as logic
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES
 
@@ -187,8 +188,9 @@ def test_card_from_upload_predicts_and_explains(bundle):
     expected = bundle.predictor.predict(load_image(image_bytes(size=(600, 450)), 32)[None].astype(np.float32))[0]
     np.testing.assert_allclose(card.probabilities, expected, rtol=1e-5, atol=1e-6)
     assert card.predicted_name == CLASS_NAMES[int(np.argmax(expected))]
-    assert list(card.heatmaps) == [card.predicted_index]  # the predicted class's cam comes with the card
-    heatmap = card.heatmaps[card.predicted_index]
+    # the predicted class's cam at the default layer comes with the card
+    assert list(card.heatmaps) == [(bundle.default_layer, card.predicted_index)]
+    heatmap = card.heatmaps[(bundle.default_layer, card.predicted_index)]
     assert heatmap.shape == (32, 32) and heatmap.min() >= 0.0 and heatmap.max() <= 1.0
     direct = bundle.gradcam.cam(card.model_input[None], class_index=card.predicted_index).heatmaps[0]
     np.testing.assert_allclose(heatmap, direct, atol=1e-6)
@@ -204,9 +206,9 @@ def test_explaining_another_class_computes_once_and_opacity_only_reblends(bundle
         def __getattr__(self, name):
             return getattr(bundle, name)
 
-        def heatmap(self, model_input, class_index):
+        def heatmap(self, model_input, class_index, layer=None):
             calls.append(class_index)
-            return original(model_input, class_index)
+            return original(model_input, class_index, layer)
 
     card.bundle = CountingBundle()
     expected = bundle.gradcam.cam(card.model_input[None], class_index=other).heatmaps[0]
@@ -219,6 +221,35 @@ def test_explaining_another_class_computes_once_and_opacity_only_reblends(bundle
     np.testing.assert_array_equal(card.overlay(other, 0.0), card.image)
     with pytest.raises(Exception, match="out of range"):
         card.heatmap(7)
+
+
+def test_cards_open_at_the_deepest_layer_with_enough_cells():
+    at_224 = [("conv5_block3_out", (7, 7)), ("conv4_block6_out", (14, 14)), ("conv3_block4_out", (28, 28))]
+    at_64 = [("conv5_block2_out", (2, 2)), ("conv4_block2_out", (4, 4)), ("conv3_block2_out", (8, 8))]
+    at_32 = [("conv5_block2_out", (1, 1)), ("conv4_block2_out", (2, 2)), ("conv3_block2_out", (4, 4))]
+    assert logic.display_layer(at_224) == "conv5_block3_out"  # the usual Grad-CAM layer
+    assert logic.display_layer(at_64) == "conv3_block2_out"
+    assert logic.display_layer(at_32) == "conv3_block2_out"  # none is big enough: the finest offered
+    assert logic.display_layer([("features", (None, None))]) == "features"
+    assert logic.display_layer([]) is None
+
+
+def test_explaining_at_another_layer(bundle):
+    """The card offers the deepest three resolutions and opens at the display layer."""
+    choices = bundle.layer_choices
+    assert bundle.default_layer == bundle.gradcam.layer_name == logic.display_layer(choices)
+    sizes = [size for _name, size in choices]
+    assert len(choices) == 3 and sizes == sorted(sizes)  # deepest (smallest) first
+    card = logic.analyze_upload("a.png", image_bytes(seed=4), bundle, card_id=1)
+    earlier, (h, w) = next(choice for choice in choices if choice[0] != bundle.default_layer)
+    heatmap = card.heatmap(None, earlier)
+    expected = GradCAM(bundle.gradcam.model, layer_name=earlier).cam(card.model_input[None], class_index=card.predicted_index)
+    assert expected.feature_cams.shape[1:] == (h, w)
+    np.testing.assert_allclose(heatmap, expected.heatmaps[0], atol=1e-6)
+    assert (earlier, card.predicted_index) in card.heatmaps and len(card.heatmaps) == 2
+    assert card.overlay(None, 0.5, earlier).shape == card.image.shape
+    with pytest.raises(GradCAMError, match="not offered"):
+        card.heatmap(None, "probabilities")
 
 
 def test_uncertainty_threshold_and_top_alternatives(bundle):

@@ -19,6 +19,7 @@ from keras_ham.gradcam import (
     GradCAM,
     GradCAMError,
     default_layer_name,
+    layer_choices,
     feature_map_layers,
     load_class_names,
     overlay,
@@ -355,6 +356,10 @@ def test_resnet50_default_layer_is_conv5_block3_out():
     result = GradCAM(model).cam(random_images(1, 64))
     assert result.layer_name == "conv5_block3_out"
     assert result.heatmaps.shape == (1, 64, 64) and result.feature_cams.shape == (1, 2, 2)
+    # Stage outputs, deepest first: what the dashboard offers when the 2x2 map is too coarse.
+    assert layer_choices(model) == [("conv5_block3_out", (2, 2)), ("conv4_block6_out", (4, 4)),
+                                    ("conv3_block4_out", (8, 8))]
+    assert layer_choices(model, count=4)[3] == ("conv2_block3_out", (16, 16))
 
 
 def test_named_layer_and_bad_layer_names(model):
