@@ -114,7 +114,10 @@ def layer_choices(model: keras.Model, count: int = 3) -> list[tuple[str, tuple[i
     """
     last_at_size: dict[tuple, str] = {}
     for name in feature_map_layers(model):
-        size = tuple(model.get_layer(name).output.shape[1:3])
+        layer = model.get_layer(name)
+        if isinstance(layer, keras.layers.ZeroPadding2D):  # a padded copy of the map before it
+            continue
+        size = tuple(layer.output.shape[1:3])
         last_at_size.pop(size, None)  # re-inserted: the dict ends up ordered by last appearance
         last_at_size[size] = name
     deepest_first = list(last_at_size.items())[::-1][:count]

@@ -488,6 +488,16 @@ def test_script_uses_labels_json(saved_run, tmp_path, capsys):
     assert any(f"predicted {name} " in printed for name in names)
 
 
+def test_script_lists_layers_deepest_first(saved_run, capsys):
+    code = _script_main()(["--model", str(saved_run / "best.keras"), "--list-layers"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and lines[0].endswith("(default)") and sum("(default)" in line for line in lines) == 1
+    cells = [int(line.split()[1].split("x")[0]) for line in lines]
+    assert cells == sorted(cells) and len(set(cells)) == len(cells)  # one line per resolution, coarsest first
+    with pytest.raises(SystemExit):  # neither images nor --list-layers
+        _script_main()(["--model", str(saved_run / "best.keras")])
+
+
 @pytest.mark.parametrize("case", ["missing_model", "corrupt_model", "unreadable_image", "bad_class", "bad_layer"])
 def test_script_errors_exit_2_without_traceback(saved_run, tmp_path, capsys, case):
     model = saved_run / "best.keras"
