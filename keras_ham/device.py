@@ -19,6 +19,7 @@ torch optimizers use, so `make_optimizer` gives it a per-variable AdamW instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -149,33 +150,45 @@ def make_optimizer(learning_rate, weight_decay: float, choice: DeviceChoice | No
     return _per_variable_adamw_class()(learning_rate=learning_rate, weight_decay=weight_decay)
 
 
-def set_random_seed(seed: int) -> None:
-    """`keras.utils.set_random_seed`, without importing TensorFlow on other backends.
+@contextlib.contextmanager
+def keras_without_tensorflow():
+    """Inside this block Keras treats TensorFlow as not installed, unless it is the backend or
+    already imported.
 
-    Keras seeds TensorFlow whenever it is installed. In a torch process that import costs
-    1.5 s and 410 MB of memory (measured on a 2-core Xeon) for a framework never used. (Keras's
-    `.keras` serializer still imports TensorFlow, when installed, at the first save.)
+    Keras asks whether TensorFlow is available (which imports it) when seeding and when
+    serializing a model, whatever the backend. In a torch process that import costs 1.5 s and
+    410 MB of memory (measured on a 2-core Xeon) and prints TensorFlow's start-up log lines,
+    for a framework that is never used.
     """
     import keras
 
-    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
-        keras.utils.set_random_seed(seed)
-        return
     try:
-        from keras.src.utils import rng_utils
-    except ImportError:  # a Keras layout without this module: seed as Keras does, TF included
-        keras.utils.set_random_seed(seed)
+        from keras.src.utils.module_utils import tensorflow as lazy_tensorflow
+    except ImportError:  # another Keras layout: nothing to defer
+        lazy_tensorflow = None
+    defer = (
+        lazy_tensorflow is not None
+        and getattr(lazy_tensorflow, "_available", True) is None  # not imported or probed yet
+        and keras.backend.backend() != "tensorflow"
+        and "tensorflow" not in sys.modules
+    )
+    if not defer:
+        yield
         return
-    lazy_tensorflow = getattr(rng_utils, "tf", None)
-    rng_utils.tf = _AbsentModule()
+    lazy_tensorflow._available = False
     try:
-        keras.utils.set_random_seed(seed)
+        yield
     finally:
-        rng_utils.tf = lazy_tensorflow
+        lazy_tensorflow._available = None  # probed normally the next time anyone asks
 
 
-class _AbsentModule:
-    available = False
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed` (Python, NumPy, backend, Keras seed generator) without
+    importing TensorFlow on other backends."""
+    import keras
+
+    with keras_without_tensorflow():
+        keras.utils.set_random_seed(seed)
 
 
 def _per_variable_adamw_class():

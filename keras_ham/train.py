@@ -33,7 +33,7 @@ import yaml
 from keras_ham import __version__
 from keras_ham.config import Config
 from keras_ham.dataset import class_weights, dataset_from_split_csv
-from keras_ham.device import DeviceChoice, make_optimizer, set_random_seed
+from keras_ham.device import DeviceChoice, keras_without_tensorflow, make_optimizer, set_random_seed
 from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES, NUM_CLASSES
@@ -211,7 +211,7 @@ class RunCheckpoint(keras.callbacks.Callback):
             )
         if self._improved(float(monitored)):
             self.export_model.set_weights(self.model.get_weights())
-            with atomic_path(self.run_dir / BEST_MODEL) as tmp:
+            with atomic_path(self.run_dir / BEST_MODEL) as tmp, keras_without_tensorflow():
                 self.export_model.save(tmp)
             self.state.update(best_score=float(monitored), best_epoch=epoch + 1)
             self.log(f"epoch {epoch + 1}: {self.config.monitor} improved to {float(monitored):.4f}; saved {BEST_MODEL}")

@@ -92,7 +92,6 @@ def test_set_random_seed_is_reproducible_and_leaves_tensorflow_unimported():
         "import numpy as np, torch, keras\n"
         "from keras.src.utils import rng_utils\n"
         "from keras_ham.device import set_random_seed\n"
-        "lazy = rng_utils.tf\n"
         "def draw():\n"
         "    layer = keras.layers.Dropout(0.5)\n"
         "    x = keras.ops.ones((64,))\n"
@@ -101,9 +100,33 @@ def test_set_random_seed_is_reproducible_and_leaves_tensorflow_unimported():
         "set_random_seed(7); first = draw()\n"
         "set_random_seed(7); second = draw()\n"
         "set_random_seed(8); other = draw()\n"
-        "print(first == second, first != other, 'tensorflow' in sys.modules, rng_utils.tf is lazy)\n"
+        "print(first == second, first != other, 'tensorflow' in sys.modules, rng_utils.tf._available is None)\n"
     )
     env = dict(os.environ, KERAS_BACKEND="torch")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.split()[-4:] == ["True", "True", "False", "True"]
+
+
+def test_saving_inside_keras_without_tensorflow_does_not_import_it(tmp_path):
+    """best.keras is written inside this block during training; the file must still load
+    (its TensorFlow round trip is tested in test_demo_pipeline / test_model)."""
+    code = (
+        "import sys\n"
+        "import numpy as np, keras\n"
+        "from keras.src.utils.module_utils import tensorflow as lazy\n"
+        "from keras_ham.device import keras_without_tensorflow\n"
+        "inputs = keras.Input((4,))\n"
+        "model = keras.Model(inputs, keras.layers.Dense(3, activation='softmax')(inputs))\n"
+        "with keras_without_tensorflow():\n"
+        f"    model.save({str(tmp_path / 'm.keras')!r})\n"
+        "imported = 'tensorflow' in sys.modules\n"
+        f"loaded = keras.saving.load_model({str(tmp_path / 'm.keras')!r}, safe_mode=True)\n"
+        "x = np.ones((2, 4), 'float32')\n"
+        "same = np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))\n"
+        "print(imported, same, lazy._available is None or lazy._available)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.split()[-3:] == ["False", "True", "True"]
