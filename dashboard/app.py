@@ -733,6 +733,10 @@ def create_app(options: logic.DashboardOptions | None = None) -> DashboardSessio
     return DashboardSession(options)
 
 
+# Panel's Fast design links a Google Fonts stylesheet. Without it the page contacts no third
+# party (a clinician's browser should not report each visit to a font server) and does not
+# block rendering on a network that drops outside traffic; text uses the system sans-serif.
+pn.theme.Fast._resources = {kind: value for kind, value in pn.theme.Fast._resources.items() if kind != "font"}
 pn.extension(notifications=False)
 
 if __name__.startswith("bokeh"):  # `panel serve` runs this file once per session

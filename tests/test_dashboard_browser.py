@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -119,6 +120,15 @@ def chromium_browser():
 def open_page(browser, url):
     page = browser.new_page(viewport={"width": 1440, "height": 1150})
     page.set_default_timeout(RESULT_TIMEOUT_MS)
+    page.outside_requests = []  # anything not served by the dashboard itself (fonts, CDNs, ...)
+    host = urllib.parse.urlsplit(url).hostname
+
+    def note(request):
+        parts = urllib.parse.urlsplit(request.url)
+        if parts.scheme in ("http", "https", "ws", "wss") and parts.hostname != host:
+            page.outside_requests.append(request.url)
+
+    page.on("request", note)
     page.goto(url, wait_until="domcontentloaded")
     page.locator(".kh-upload input[type=file]").wait_for(state="attached")
     return page
@@ -209,6 +219,8 @@ def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browse
         page.screenshot(path=str(run_shot), full_page=True)
         keep_screenshot(run_shot, "_run")
         assert shot.stat().st_size > 10_000
+        # Everything the page used came from the dashboard server: no third party learns of a visit.
+        assert page.outside_requests == []
     except Exception:
         print(log_path.read_text()[-4000:])
         raise
