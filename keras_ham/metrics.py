@@ -6,6 +6,7 @@ Balanced accuracy (mean per-class recall) is the headline number: HAM10000 is tw
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import keras
@@ -104,10 +105,14 @@ def classification_metrics(
         auc = float(np.mean(list(per_class_auc.values()))) if per_class_auc else None
     else:
         per_class_auc = {}
+    with warnings.catch_warnings():
+        # A class predicted but absent from y_true: reported once, as "classes_absent", below.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        balanced_accuracy = float(skm.balanced_accuracy_score(y_true, y_pred))
     return {
         "num_images": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": balanced_accuracy,
         "macro_f1": float(skm.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "weighted_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
         "macro_roc_auc_ovr": auc,
@@ -123,6 +128,8 @@ def classification_metrics(
         },
         "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "class_names": list(class_names),
+        # Balanced accuracy, macro F1 and macro AUC average over the classes present only.
+        "classes_absent": [name for index, name in enumerate(class_names) if index not in present],
     }
 
 
@@ -140,4 +147,9 @@ def format_metrics_table(metrics: dict) -> str:
         f"balanced accuracy {metrics['balanced_accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  "
         f"weighted F1 {metrics['weighted_f1']:.4f}  macro ROC AUC {'n/a' if auc is None else f'{auc:.4f}'}"
     )
+    absent = metrics.get("classes_absent") or []
+    if absent:
+        present = len(metrics["per_class"]) - len(absent)
+        lines.append(f"note: no images of {', '.join(absent)} in this set; balanced accuracy, macro F1 and "
+                     f"macro ROC AUC average the {present} classes present.")
     return "\n".join(lines)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
@@ -44,7 +46,10 @@ def test_smoothed_sparse_loss_equals_categorical_with_one_hot():
 def test_classification_metrics_are_sklearn_values_with_absent_classes():
     y_true = np.array([5, 5, 5, 4, 4, 1, 0])
     probabilities = np.eye(7)[[5, 5, 4, 4, 5, 1, 2]] * 0.9 + 0.1 / 7
-    metrics = classification_metrics(y_true, probabilities)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # absent classes are reported in the result, not as warnings
+        metrics = classification_metrics(y_true, probabilities)
+    assert metrics["classes_absent"] == ["bkl", "df", "vasc"]
     assert metrics["num_images"] == 7
     assert metrics["accuracy"] == pytest.approx(4 / 7)
     assert metrics["balanced_accuracy"] == pytest.approx(np.mean([0, 1, 0.5, 2 / 3]))
@@ -55,6 +60,7 @@ def test_classification_metrics_are_sklearn_values_with_absent_classes():
     assert metrics["macro_roc_auc_ovr"] is not None and 0 <= metrics["macro_roc_auc_ovr"] <= 1
     table = format_metrics_table(metrics)
     assert all(name in table for name in CLASS_NAMES) and "balanced accuracy 0.5417" in table
+    assert "no images of bkl, df, vasc in this set" in table and "average the 4 classes present" in table
 
 
 def test_classification_metrics_rejects_mismatched_shapes():
