@@ -85,6 +85,14 @@ def test_per_variable_adamw_matches_fused_adamw():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def words_printed_on_torch(code: str) -> list[str]:
+    """Run `code` in a fresh Python process on the torch backend; the words it printed."""
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    return out.stdout.split()
+
+
 def test_set_random_seed_is_reproducible_and_leaves_tensorflow_unimported():
     """Seeding a torch process must not import TensorFlow (Keras's own helper does)."""
     code = (
@@ -102,10 +110,7 @@ def test_set_random_seed_is_reproducible_and_leaves_tensorflow_unimported():
         "set_random_seed(8); other = draw()\n"
         "print(first == second, first != other, 'tensorflow' in sys.modules, rng_utils.tf._available is None)\n"
     )
-    env = dict(os.environ, KERAS_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.stdout.split()[-4:] == ["True", "True", "False", "True"]
+    assert words_printed_on_torch(code)[-4:] == ["True", "True", "False", "True"]
 
 
 def test_saving_inside_keras_without_tensorflow_does_not_import_it(tmp_path):
@@ -126,7 +131,4 @@ def test_saving_inside_keras_without_tensorflow_does_not_import_it(tmp_path):
         "same = np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))\n"
         "print(imported, same, lazy._available is None or lazy._available)\n"
     )
-    env = dict(os.environ, KERAS_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.stdout.split()[-3:] == ["False", "True", "True"]
+    assert words_printed_on_torch(code)[-3:] == ["False", "True", "True"]
