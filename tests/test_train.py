@@ -248,3 +248,20 @@ def test_resumed_training_restores_the_saved_counters(tiny_demo, tmp_path, monke
                     "ResumableReduceLROnPlateau": counters["plateau"]}
     resumed = [m for m in messages if m.startswith("resuming")]
     assert resumed and f"early_stopping waited {counters['early_stopping']['wait']} epoch(s)" in resumed[0]
+
+
+def test_an_early_stop_is_recorded_in_the_summary(tiny_demo, tmp_path, monkeypatch):
+    from keras_ham import train as train_module
+
+    def stop_at_second_epoch(self, epoch, logs=None):  # stands in for "no improvement for N epochs"
+        if epoch == 1:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    monkeypatch.setattr(train_module.ResumableEarlyStopping, "on_epoch_end", stop_at_second_epoch)
+    config = tiny_config(tiny_demo, tmp_path, max_epochs=4, early_stopping_patience=2, run_name="stopped")
+    result = train(config, log=quiet, verbose=0)
+    assert result.epochs_run == 2
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["stopped_reason"] == "early stopping: val_balanced_accuracy did not improve for 2 epochs"
+    assert not (result.run_dir / "state").exists()
