@@ -79,6 +79,7 @@ CSS = """
 .kh-stats { display: flex; gap: 12px; flex-wrap: wrap; }
 .kh-stat { background: #f4f7fa; border-radius: 6px; padding: 6px 12px; min-width: 110px; }
 .kh-stat b { display: block; font-size: 1.3em; color: #17324d; }
+.kh-ci { display: block; font-size: .62em; font-weight: 400; color: #5b6b7b; }
 .kh-pre { background: #f6f8fa; padding: 8px; border-radius: 6px; font-size: .82em; max-height: 420px;
           overflow: auto; margin: 0; }
 .kh-disclaimer { background: #fff4e5; border: 1px solid #f0c36d; border-radius: 6px; padding: 8px 12px;
@@ -361,8 +362,11 @@ def placeholder_panel(filename: str) -> pn.Column:
 # --------------------------------------------------------------------------- run tab
 
 
-def _stat(label: str, value) -> str:
+def _stat(label: str, value, interval=None, level: float = 0.95) -> str:
     text = f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+    if isinstance(interval, (list, tuple)) and len(interval) == 2:
+        text += (f'<span class="kh-ci" title="{level:.0%} bootstrap interval">'
+                 f"{level:.0%} CI {interval[0]:.3f}–{interval[1]:.3f}</span>")
     return f'<div class="kh-stat">{html.escape(label)}<b>{text}</b></div>'
 
 
@@ -372,8 +376,9 @@ PER_CLASS_COLUMNS = ("precision", "recall", "f1", "roc_auc_ovr", "support")
 def metrics_html(report: logic.RunReport) -> str:
     metrics = report.metrics or {}
     names = metrics.get("class_names") or []
+    intervals = metrics.get("confidence_intervals") if isinstance(metrics.get("confidence_intervals"), dict) else {}
     stats = [
-        _stat(label, metrics[key]) for key, label in (
+        _stat(label, metrics[key], intervals.get(key), intervals.get("level", 0.95)) for key, label in (
             ("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
             ("weighted_f1", "weighted F1"), ("macro_roc_auc_ovr", "macro ROC AUC"), ("num_images", "images"),
         ) if metrics.get(key) is not None

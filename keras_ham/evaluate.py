@@ -17,7 +17,7 @@ from keras_ham.dataset import HamDataset
 from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic
 from keras_ham.labels import CLASS_NAMES, CLASS_TO_INDEX
 from keras_ham.metadata import EVAL_COLUMNS, read_metadata, require_image_paths
-from keras_ham.metrics import classification_metrics, format_metrics_table
+from keras_ham.metrics import bootstrap_intervals, classification_metrics, format_metrics_table
 from keras_ham.predict import Predictor
 
 METRICS_FILE = "metrics.json"
@@ -80,9 +80,13 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     tta: bool = False,
     batch_size: int = 32,
+    bootstrap: int = 1000,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Evaluate `model_path` on `csv_path`; returns the metrics and writes the artifacts."""
+    """Evaluate `model_path` on `csv_path`; returns the metrics and writes the artifacts.
+
+    `bootstrap` resamples (0: none) give 95 % intervals of the headline metrics, resampling
+    whole lesions when the CSV has a complete `lesion_id` column (split CSVs do)."""
     frame = read_metadata(csv_path, required=EVAL_COLUMNS)
     paths = require_image_paths(frame, csv_path, image_dirs)
     predictor = Predictor.from_file(model_path, batch_size=batch_size, tta=tta)
@@ -92,6 +96,10 @@ def evaluate(
         f"{' with flip TTA' if tta else ''}")
     probabilities = predictor.predict_dataset(data)
     metrics = classification_metrics(y_true, probabilities)
+    if bootstrap:
+        lesions = frame["lesion_id"] if "lesion_id" in frame.columns else None
+        groups = lesions.astype(str).to_numpy() if lesions is not None and lesions.notna().all() else None
+        metrics["confidence_intervals"] = bootstrap_intervals(y_true, probabilities, groups, resamples=bootstrap)
     metrics.update(model=str(model_path), csv=str(csv_path), tta=tta, image_size=predictor.image_size)
     out = Path(out_dir) if out_dir is not None else default_output_dir(model_path, csv_path)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
                              "part_1/part_2 subfolders are searched too")
     parser.add_argument("--out", help="output folder (default: <model folder>/eval_<csv name>)")
     parser.add_argument("--tta", action="store_true", help="average predictions over flips")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for 95%% intervals of accuracy, balanced accuracy and macro F1; "
+                             "whole lesions are resampled when the CSV has lesion_id (default 1000; 0: off)")
     parser.add_argument("--batch-size", type=int, default=32)
     add_device_argument(parser)
     args = parser.parse_args(argv)
     configure_device(args.device)  # before Keras is imported
     from keras_ham.evaluate import evaluate
 
-    evaluate(args.model, args.csv, image_dirs=args.images, out_dir=args.out, tta=args.tta,
+    evaluate(args.model, args.csv, image_dirs=args.images, out_dir=args.out, tta=args.tta, bootstrap=args.bootstrap,
              batch_size=args.batch_size)
     return 0
 

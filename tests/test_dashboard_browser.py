@@ -214,6 +214,7 @@ def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browse
         keep_screenshot(shot)
         page.get_by_text("Training run", exact=True).click()
         page.locator(".bk-Canvas, canvas").first.wait_for(state="visible")
+        page.locator(".kh-ci").filter(has_text="95% CI 0.350–0.490").wait_for(state="visible")  # balanced accuracy
         page.wait_for_timeout(500)
         run_shot = tmp_path / "dashboard_run.png"
         page.screenshot(path=str(run_shot), full_page=True)

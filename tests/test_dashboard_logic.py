@@ -52,6 +52,9 @@ def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = 
             "accuracy": 0.5, "balanced_accuracy": 0.42, "macro_f1": 0.4, "weighted_f1": 0.5,
             "macro_roc_auc_ovr": 0.7, "num_images": int(matrix.sum()), "class_names": list(CLASS_NAMES),
             "confusion_matrix": matrix.tolist(),
+            "confidence_intervals": {"method": "percentile bootstrap over lesions", "resamples": 1000,
+                                     "level": 0.95, "seed": 0, "accuracy": [0.43, 0.57],
+                                     "balanced_accuracy": [0.35, 0.49], "macro_f1": [0.33, 0.47]},
             "per_class": {name: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "support": 6, "roc_auc_ovr": 0.7}
                           for name in CLASS_NAMES},
         }), encoding="utf-8")

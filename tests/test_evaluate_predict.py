@@ -47,6 +47,15 @@ def test_evaluate_writes_sklearn_metrics_predictions_and_plot(tiny_run, tmp_path
     with Image.open(tmp_path / "eval" / "confusion_matrix.png") as plot:
         assert plot.size[0] > 300
     assert any("balanced accuracy" in m for m in messages)
+    intervals = stored["confidence_intervals"]  # split CSVs carry lesion_id: whole lesions are resampled
+    assert intervals["method"] == "percentile bootstrap over lesions" and intervals["resamples"] == 1000
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+        low, high = intervals[name]
+        assert 0.0 <= low <= high <= 1.0
+    assert any("95% intervals" in m for m in messages)
+    without = evaluate(run / "best.keras", config.test_csv, image_dirs=config.image_dirs,
+                       out_dir=tmp_path / "eval0", bootstrap=0, log=lambda m: None)
+    assert "confidence_intervals" not in without
 
 
 def test_tta_averages_flips(tiny_run):

@@ -7,6 +7,9 @@ from sklearn.metrics import balanced_accuracy_score
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.metrics import (
     BalancedAccuracy,
+    bootstrap_intervals,
+    bootstrap_weights,
+    weighted_headline_metrics,
     SparseCrossentropyWithSmoothing,
     classification_metrics,
     format_metrics_table,
@@ -66,3 +69,57 @@ def test_classification_metrics_are_sklearn_values_with_absent_classes():
 def test_classification_metrics_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\(N, num_classes\)"):
         classification_metrics([0, 1], np.zeros((3, 7)))
+
+
+def test_weighted_headline_metrics_equal_sklearn_with_sample_weights():
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(3)
+    y_true = rng.choice([0, 1, 2, 5], size=60)  # classes 3, 4 and 6 absent from the truth
+    y_pred = np.where(rng.random(60) < 0.6, y_true, rng.integers(0, 7, 60))
+    weights = bootstrap_weights(60, resamples=5, seed=1)
+    values = weighted_headline_metrics(y_true, y_pred, weights.astype(float), 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for row, w in enumerate(weights):
+            present = sorted(set(y_true[w > 0].tolist()))
+            assert values["accuracy"][row] == pytest.approx(skm.accuracy_score(y_true, y_pred, sample_weight=w))
+            assert values["balanced_accuracy"][row] == pytest.approx(
+                skm.balanced_accuracy_score(y_true, y_pred, sample_weight=w))
+            assert values["macro_f1"][row] == pytest.approx(
+                skm.f1_score(y_true, y_pred, labels=present, average="macro", sample_weight=w, zero_division=0))
+
+
+def test_bootstrap_intervals_are_reproducible_and_bracket_the_estimate():
+    rng = np.random.default_rng(4)
+    y_true = rng.integers(0, 7, 300)
+    probabilities = np.eye(7)[np.where(rng.random(300) < 0.7, y_true, rng.integers(0, 7, 300))]
+    first = bootstrap_intervals(y_true, probabilities, resamples=400, seed=2)
+    assert first == bootstrap_intervals(y_true, probabilities, resamples=400, seed=2)
+    estimate = classification_metrics(y_true, probabilities)
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+        low, high = first[name]
+        assert low < estimate[name] < high and high - low < 0.2
+    perfect = bootstrap_intervals(y_true, np.eye(7)[y_true], resamples=50)
+    assert perfect["balanced_accuracy"] == [1.0, 1.0] and perfect["method"] == "percentile bootstrap over images"
+
+
+def test_lesion_bootstrap_does_not_count_copies_of_a_lesion_as_evidence():
+    """Five images of each lesion carry the information of one: resampling images would
+    shrink the interval by about sqrt(5); resampling lesions does not."""
+    rng = np.random.default_rng(5)
+    y_lesion = rng.integers(0, 7, 120)
+    pred_lesion = np.where(rng.random(120) < 0.6, y_lesion, rng.integers(0, 7, 120))
+    y_true, predicted = np.repeat(y_lesion, 5), np.repeat(pred_lesion, 5)
+    lesions = np.repeat(np.arange(120), 5)
+    probabilities = np.eye(7)[predicted]
+
+    def width(result):
+        return result["balanced_accuracy"][1] - result["balanced_accuracy"][0]
+
+    by_lesion = bootstrap_intervals(y_true, probabilities, lesions, resamples=500)
+    by_image = bootstrap_intervals(y_true, probabilities, resamples=500)
+    one_each = bootstrap_intervals(y_lesion, np.eye(7)[pred_lesion], resamples=500)
+    assert by_lesion["method"] == "percentile bootstrap over lesions"
+    assert width(by_lesion) > 1.6 * width(by_image)
+    assert width(by_lesion) == pytest.approx(width(one_each), rel=0.35)
