@@ -19,6 +19,26 @@ def add_device_argument(parser: argparse.ArgumentParser, default: str | None = "
                         help=help or "torch device (default: the best available: DirectML, CUDA, MPS, then CPU)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, received {value}")
+    return value
+
+
 def script_main(
     main: Callable[..., int] | None = None,
     *,
@@ -27,8 +47,9 @@ def script_main(
 ):
     """Decorate a script's `main(argv) -> int`.
 
-    A `KerasHamError` (or one of `also`) prints `error: <message>` to stderr and returns 2;
-    its message already says what is wrong, so a traceback would only bury it. Ctrl-C prints
+    A `KerasHamError`, an `OSError` (a file that cannot be read or written: the message
+    names it) or one of `also` prints `error: <message>` to stderr and returns 2; the message
+    already says what is wrong, so a traceback would only bury it. Ctrl-C prints
     `interrupted` and returns 130.
     """
 
@@ -37,7 +58,7 @@ def script_main(
         def wrapper(*args, **kwargs) -> int:
             try:
                 return function(*args, **kwargs)
-            except (KerasHamError, *also) as error:
+            except (KerasHamError, OSError, *also) as error:
                 print(f"error: {error}", file=sys.stderr)
                 return EXIT_USER_ERROR
             except KeyboardInterrupt:

@@ -247,6 +247,10 @@ def load_config_dict(data: Mapping[str, Any]) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"A config must be a mapping of key: value, received {type(data).__name__}.")
     known = {f.name: f for f in fields(Config)}
+    not_text = [key for key in data if not isinstance(key, str)]
+    if not_text:
+        raise ConfigError(f"Config keys must be names, received {', '.join(map(repr, not_text))}. "
+                          f"Valid keys: {', '.join(known)}.")
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(
@@ -277,10 +281,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mappi
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"Config file {path} is a folder; expected a YAML file such as configs/demo.yaml.")
         if not path.is_file():
-            raise ConfigError(f"Config file not found: {path}")
+            raise ConfigError(f"Config file not found: {path} (relative paths start in the current folder, "
+                              f"{Path.cwd()}).")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"Config file {path} is not UTF-8 text ({error.reason} at byte {error.start}).") from error
         except yaml.YAMLError as error:
             raise ConfigError(f"Config file {path} is not valid YAML: {error}") from error
         if loaded is None:
@@ -288,14 +297,17 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mappi
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"Config file {path}: expected a mapping of key: value at top level.")
         data.update(loaded)
-    if isinstance(overrides, Mapping):
-        data.update(overrides)
-    else:
-        data.update(parse_overrides(overrides))
+    from_file = set(data)
+    overridden = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    data.update(overridden)
     try:
         return load_config_dict(data)
     except ConfigError as error:
-        if path is not None:
+        # Name where the bad value came from: an override, else the file.
+        culprit = next((key for key in overridden if f"'{key}'" in str(error)), None)
+        if culprit is not None and not isinstance(overrides, Mapping):
+            raise ConfigError(f"--set {culprit}: {error}") from None
+        if path is not None and (culprit is None or culprit in from_file):
             raise ConfigError(f"{path}: {error}") from None
         raise
 

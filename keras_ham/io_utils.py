@@ -9,6 +9,22 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from keras_ham.errors import KerasHamError
+
+
+class OutputError(KerasHamError, OSError):
+    """An output file cannot be written where it was asked for."""
+
+
+def _cannot_write(path: Path, error: OSError) -> OutputError:
+    if path.is_dir():
+        reason = "a folder of that name exists"
+    elif any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        reason = "part of the path is a file, not a folder"
+    else:
+        reason = error.strerror or str(error)
+    return OutputError(f"cannot write {path}: {reason}.")
+
 
 def _read_umask() -> int:
     """The process umask, read once at import (os.umask can only be read by setting it)."""
@@ -29,9 +45,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     `path` (if any) is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep every suffix (".weights.h5", ".keras"): Keras checks them when saving.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    if path.is_dir():
+        raise _cannot_write(path, IsADirectoryError(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Keep every suffix (".weights.h5", ".keras"): Keras checks them when saving.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes),
+                                        dir=path.parent)
+    except OSError as error:
+        raise _cannot_write(path, error) from error
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
@@ -39,7 +61,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as error:
+            raise _cannot_write(path, error) from error
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -52,6 +52,9 @@ def read_metadata(csv_path: str | os.PathLike, required: Sequence[str] = SPLIT_C
     except pd.errors.EmptyDataError:
         raise MetadataError(f"{path}: the file is empty; expected a CSV with columns {', '.join(required)}.") from None
     frame.columns = [str(c).strip() for c in frame.columns]
+    repeated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if repeated:
+        raise MetadataError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header.")
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise MetadataError(

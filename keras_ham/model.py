@@ -13,6 +13,7 @@ safe mode without importing this package.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import keras
@@ -197,8 +198,14 @@ def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
 def load_classifier(path: str | Path) -> keras.Model:
     """Load a saved classifier in safe mode, with a clear error for a bad file."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; expected a .keras model file such as runs/<run>/best.keras.")
     if not path.is_file():
         raise ModelError(f"{path}: model file not found.")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        problem = ("the file is empty" if path.stat().st_size == 0 else
+                   "it is not a zip archive, as .keras models are (cut off by an interrupted copy, or another format)")
+        raise ModelError(f"{path}: not a usable .keras model file: {problem}.")
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # noqa: BLE001 - any failure means an unusable model file

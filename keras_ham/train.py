@@ -76,33 +76,51 @@ def _comparable(config: Config) -> dict:
 def resolve_run_dir(config: Config, default_name: str, log: Log = print) -> tuple[Path, bool]:
     """Return (run folder, resuming?).
 
-    An interrupted run with the same config is resumed; a finished run is never
-    overwritten: the new run gets the next free `<name>-<k>` folder.
+    An interrupted run (it has a resume state) with the same config is resumed; a folder
+    that never finished an epoch is reused; anything holding results (a summary, a model or
+    a history) is never overwritten: the new run gets the next free `<name>-<k>` folder.
     """
     name = config.run_name or default_name
     root = Path(config.out_dir)
+    if root.exists() and not root.is_dir():
+        raise TrainingError(f"out_dir {root} is a file; expected a folder for the run folders.")
     candidate, k = root / name, 1
     while True:
-        state_file = candidate / STATE_DIR / STATE_FILE
+        if candidate.exists() and not candidate.is_dir():
+            raise TrainingError(f"{candidate} is a file; expected a run folder. Move it or use --set run_name=NEW_NAME.")
         if not candidate.exists() or not any(candidate.iterdir()):
             return candidate, False
-        if not (candidate / SUMMARY).exists():
-            saved_config = candidate / CONFIG
-            if saved_config.exists():
-                saved = yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}
-                current = _comparable(config)
-                differing = sorted(key for key in current if saved.get(key) != current[key])
-                if differing:
-                    raise TrainingError(
-                        f"{candidate} holds an interrupted run with a different config "
-                        f"({', '.join(differing)}). Resume it with the same config, or start a new run "
-                        "with --set run_name=NEW_NAME."
-                    )
-                return candidate, state_file.exists()
+        has_results = any((candidate / item).exists() for item in (SUMMARY, BEST_MODEL, HISTORY))
+        if (candidate / STATE_DIR / STATE_FILE).exists() and not (candidate / SUMMARY).exists():
+            differing = _differing_keys(candidate / CONFIG, config)
+            if differing:
+                raise TrainingError(
+                    f"{candidate} holds an interrupted run with a different config "
+                    f"({', '.join(differing)}). Resume it with the same config, or start a new run "
+                    "with --set run_name=NEW_NAME."
+                )
+            return candidate, True
+        if not has_results:
+            log(f"{candidate} holds no finished epoch of an earlier run; reusing it.")
+            return candidate, False
         k += 1
         candidate = root / f"{name}-{k}"
         if k == 2:
             log(f"{root / name} holds a finished run; this run goes to a new folder.")
+
+
+def _differing_keys(saved_config: Path, config: Config) -> list[str]:
+    """Config keys (those that matter for resuming) where the run folder's config differs."""
+    try:
+        saved = yaml.safe_load(saved_config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise TrainingError(f"{saved_config} is unreadable ({error}); the interrupted run in "
+                            f"{saved_config.parent} cannot be checked. Start a new run with --set run_name=NEW_NAME.") from error
+    if not isinstance(saved, dict):
+        raise TrainingError(f"{saved_config} does not hold a config mapping; the interrupted run in "
+                            f"{saved_config.parent} cannot be checked. Start a new run with --set run_name=NEW_NAME.")
+    current = _comparable(config)
+    return sorted(key for key in current if saved.get(key) != current[key])
 
 
 # --------------------------------------------------------------------------- schedule
@@ -301,6 +319,18 @@ def prepare_demo_data(config: Config, log: Log = print) -> None:
         )
 
 
+def _read_state(state_file: Path) -> dict:
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        state = error
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        problem = state if isinstance(state, Exception) else "not a resume state"
+        raise TrainingError(f"{state_file} is unreadable ({problem}). Delete {state_file.parent} to start this "
+                            "run over, or start a new run with --set run_name=NEW_NAME.")
+    return state
+
+
 def train(
     config: Config,
     *,
@@ -322,14 +352,14 @@ def train(
         log("class weights: " + ", ".join(f"{CLASS_NAMES[i]} {w:.2f}" for i, w in weights.items()))
 
     run_dir, resuming = resolve_run_dir(config, default_run_name or config.model, log)
+    state: dict = {"epoch": 0, "history": [], "best_score": None, "best_epoch": None, "checkpoint": None}
+    state_file = run_dir / STATE_DIR / STATE_FILE
+    if resuming:  # read before anything in the folder is rewritten
+        state.update(_read_state(state_file))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / CONFIG, config.to_yaml())
     write_json_atomic(run_dir / LABELS, labels_document())
-
-    state: dict = {"epoch": 0, "history": [], "best_score": None, "best_epoch": None, "checkpoint": None}
-    state_file = run_dir / STATE_DIR / STATE_FILE
     if resuming:
-        state.update(json.loads(state_file.read_text(encoding="utf-8")))
         counters = "".join(f"; {name} waited {c['wait']} epoch(s)" for name, c in state.get("callback_counters", {}).items())
         log(f"resuming {run_dir} from epoch {state['epoch'] + 1} (best so far: {state['best_score']}{counters})")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from keras_ham.cli import add_device_argument, script_main  # noqa: E402
+from keras_ham.cli import add_device_argument, non_negative_int, positive_int, script_main  # noqa: E402
 from keras_ham.device import configure_device  # noqa: E402
 
 
@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                              "part_1/part_2 subfolders are searched too")
     parser.add_argument("--out", help="output folder (default: <model folder>/eval_<csv name>)")
     parser.add_argument("--tta", action="store_true", help="average predictions over flips")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    parser.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
                         help="bootstrap resamples for 95%% intervals of accuracy, balanced accuracy and macro F1; "
                              "whole lesions are resampled when the CSV has lesion_id (default 1000; 0: off)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     configure_device(args.device)  # before Keras is imported

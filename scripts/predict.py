@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from keras_ham.cli import add_device_argument, script_main  # noqa: E402
+from keras_ham.cli import add_device_argument, positive_int, script_main  # noqa: E402
 from keras_ham.device import configure_device  # noqa: E402
 
 
@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a .keras file written by scripts/train.py")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--csv", help="write image, predicted class and all probabilities to this CSV")
-    parser.add_argument("--top", type=int, default=3, help="how many classes to print per image (default 3)")
+    parser.add_argument("--top", type=positive_int, default=3,
+                        help="how many classes to print per image (default 3; at most the 7 classes)")
     parser.add_argument("--tta", action="store_true", help="average predictions over flips")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     configure_device(args.device, log=None)  # before Keras is imported

@@ -65,3 +65,35 @@ def test_device_argument_choices():
     assert parser.parse_args(["--device", "directml"]).device == "directml"
     with pytest.raises(SystemExit):
         parser.parse_args(["--device", "tpu"])
+
+
+def test_os_errors_are_user_errors_and_integer_options_are_checked(capsys):
+    from keras_ham.cli import non_negative_int, positive_int
+
+    @script_main
+    def main(argv=None):
+        open("/nonexistent-folder/x.csv", encoding="utf-8")
+
+    assert main([]) == EXIT_USER_ERROR
+    assert "No such file or directory: '/nonexistent-folder/x.csv'" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--bootstrap", type=non_negative_int, default=1000)
+    assert parser.parse_args(["--bootstrap", "0"]).bootstrap == 0
+    for bad in (["--batch-size", "0"], ["--batch-size", "-1"], ["--batch-size", "x"], ["--bootstrap", "-5"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "expected an integer >= 0, received -5" in capsys.readouterr().err
+
+
+def test_atomic_writes_name_the_output_that_cannot_be_written(tmp_path):
+    from keras_ham.io_utils import OutputError, write_text_atomic
+
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(OutputError, match=r"cannot write .*folder.csv: a folder of that name exists"):
+        write_text_atomic(tmp_path / "folder.csv", "x")
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(OutputError, match=r"cannot write .*afile/out.csv: part of the path is a file"):
+        write_text_atomic(tmp_path / "afile" / "out.csv", "x")
+    assert (tmp_path / "afile").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder.csv"]  # no temp files left

@@ -205,3 +205,25 @@ def test_shipped_configs_load(repo_root):
     for path in sorted((repo_root / "configs").glob("*.yaml")):
         config = load_config(path)
         assert config.model in ("resnet50", "resnet18"), path
+
+
+def test_unusable_config_files_are_named_with_the_problem(tmp_path):
+    numeric_key = tmp_path / "numeric.yaml"
+    numeric_key.write_text("1: 2\nlr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"numeric.yaml: Config keys must be names, received 1\. Valid keys: seed"):
+        load_config(numeric_key)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="binary.yaml is not UTF-8 text"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match="is a folder; expected a YAML file"):
+        load_config(tmp_path)
+
+
+def test_a_bad_override_is_blamed_on_the_override_not_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.01\nmax_epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"^--set lr: Config key 'lr'"):
+        load_config(path, ["lr=nan", "max_epochs=2"])
+    with pytest.raises(ConfigError, match=r"c.yaml: Config key 'max_epochs'"):
+        load_config(path, ["lr=0.1"])

@@ -80,7 +80,7 @@ def test_evaluate_bad_inputs(tiny_run, tmp_path):
         evaluate(run / "best.keras", missing, image_dirs=config.image_dirs, out_dir=tmp_path / "e")
     not_a_model = tmp_path / "model.keras"
     not_a_model.write_text("nope")
-    with pytest.raises(ModelError, match="model.keras: cannot load model"):
+    with pytest.raises(ModelError, match="model.keras: not a usable .keras model file"):
         evaluate(not_a_model, config.test_csv, image_dirs=config.image_dirs, out_dir=tmp_path / "e")
     assert not (tmp_path / "e" / "metrics.json").exists()
 

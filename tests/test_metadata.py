@@ -177,3 +177,10 @@ def test_require_image_paths_names_the_missing_ids(tmp_path):
     assert "ISIC_0000003" in message and "ISIC_0000004" in message
     assert "ISIC_0000001" not in message.split("searched")[0]
     assert "--images" in message
+
+
+def test_a_column_repeated_in_the_header_is_named(tmp_path):
+    path = tmp_path / "meta.csv"
+    path.write_text("lesion_id,image_id,dx, dx\nHAM_1,ISIC_1,nv,nv\n")
+    with pytest.raises(MetadataError, match=r"meta.csv: column\(s\) dx appear more than once"):
+        read_metadata(path)

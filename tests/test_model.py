@@ -1,4 +1,6 @@
 
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -113,8 +115,23 @@ def test_load_classifier_errors_name_the_file(tmp_path):
         load_classifier(tmp_path / "nope.keras")
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"this is not a zip")
-    with pytest.raises(ModelError, match="broken.keras: cannot load model"):
+    with pytest.raises(ModelError, match="broken.keras: not a usable .keras model file: it is not a zip archive"):
         load_classifier(broken)
+    (tmp_path / "empty.keras").write_bytes(b"")
+    with pytest.raises(ModelError, match="empty.keras: .*the file is empty"):
+        load_classifier(tmp_path / "empty.keras")
+    with pytest.raises(ModelError, match="is a folder; expected a .keras model file"):
+        load_classifier(tmp_path)
+    model = build_model(load_config(overrides={**TINY, "model": "resnet18", "image_size": 32}))
+    model.save(tmp_path / "whole.keras")
+    data = (tmp_path / "whole.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(ModelError, match="cut.keras: not a usable .keras model file"):
+        load_classifier(tmp_path / "cut.keras")
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:  # a zip, but not a Keras model
+        archive.writestr("readme.txt", "hello")
+    with pytest.raises(ModelError, match="other.keras: cannot load model"):
+        load_classifier(tmp_path / "other.keras")
 
 
 @pytest.mark.parametrize("model_name", ["resnet50", "resnet18"])

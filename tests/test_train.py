@@ -265,3 +265,34 @@ def test_an_early_stop_is_recorded_in_the_summary(tiny_demo, tmp_path, monkeypat
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["stopped_reason"] == "early stopping: val_balanced_accuracy did not improve for 2 epochs"
     assert not (result.run_dir / "state").exists()
+
+
+def test_run_folder_choice_never_overwrites_results_and_reuses_unstarted_ones(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path)
+    runs = tmp_path / "runs"
+    (runs / "tiny").mkdir(parents=True)
+    (runs / "tiny" / "config.yaml").write_text(config.replace(lr=0.5).to_yaml())  # failed before epoch 1
+    (runs / "tiny" / "labels.json").write_text("{}")
+    assert resolve_run_dir(config, "tiny", quiet) == (runs / "tiny", False)
+    (runs / "tiny" / "best.keras").write_bytes(b"results of an earlier run")  # but no summary.json
+    assert resolve_run_dir(config, "tiny", quiet) == (runs / "tiny-2", False)
+    (runs / "tiny-2").write_text("a file")
+    with pytest.raises(TrainingError, match="tiny-2 is a file; expected a run folder"):
+        resolve_run_dir(config, "tiny", quiet)
+    with pytest.raises(TrainingError, match="out_dir .* is a file"):
+        resolve_run_dir(config.replace(out_dir=str(runs / "tiny-2")), "tiny", quiet)
+
+
+def test_an_unreadable_resume_state_is_refused_before_anything_is_rewritten(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    (run / "state").mkdir(parents=True)
+    (run / "config.yaml").write_text(config.to_yaml())
+    (run / "state" / "state.json").write_text('{"epoch": 2, "hist')  # cut off
+    before = (run / "config.yaml").read_bytes()
+    with pytest.raises(TrainingError, match=r"state.json is unreadable .*Delete .*state to start this run over"):
+        train(config, log=quiet, verbose=0)
+    assert (run / "config.yaml").read_bytes() == before
+    (run / "config.yaml").write_text("- not\n- a mapping\n")
+    with pytest.raises(TrainingError, match="config.yaml does not hold a config mapping"):
+        resolve_run_dir(config, "tiny", quiet)
