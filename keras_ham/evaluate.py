@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from keras_ham.dataset import HamDataset
-from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic
+from keras_ham.io_utils import atomic_path, ensure_output_dir, write_csv_atomic, write_json_atomic
 from keras_ham.labels import CLASS_NAMES, CLASS_TO_INDEX
 from keras_ham.metadata import EVAL_COLUMNS, read_metadata, require_image_paths
 from keras_ham.metrics import bootstrap_intervals, classification_metrics, format_metrics_table
@@ -91,6 +91,7 @@ def evaluate(
     paths = require_image_paths(frame, csv_path, image_dirs)
     predictor = Predictor.from_file(model_path, batch_size=batch_size, tta=tta)
     y_true = frame["dx"].map(CLASS_TO_INDEX).to_numpy()
+    out = ensure_output_dir(out_dir if out_dir is not None else default_output_dir(model_path, csv_path))
     data = HamDataset(paths, None, image_size=predictor.image_size, batch_size=batch_size)
     log(f"evaluating {model_path} on {len(frame)} images from {csv_path} at {predictor.image_size}px"
         f"{' with flip TTA' if tta else ''}")
@@ -101,8 +102,6 @@ def evaluate(
         groups = lesions.astype(str).to_numpy() if lesions is not None and lesions.notna().all() else None
         metrics["confidence_intervals"] = bootstrap_intervals(y_true, probabilities, groups, resamples=bootstrap)
     metrics.update(model=str(model_path), csv=str(csv_path), tta=tta, image_size=predictor.image_size)
-    out = Path(out_dir) if out_dir is not None else default_output_dir(model_path, csv_path)
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / METRICS_FILE, metrics)
     write_csv_atomic(out / PREDICTIONS_FILE, predictions_frame(frame["image_id"], y_true, probabilities))
     plot_confusion_matrix(metrics["confusion_matrix"], out / CONFUSION_PLOT,

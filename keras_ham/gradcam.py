@@ -33,7 +33,7 @@ from PIL import Image
 
 from keras_ham.errors import KerasHamError
 from keras_ham.images import load_image
-from keras_ham.io_utils import atomic_path
+from keras_ham.io_utils import atomic_path, ensure_output_dir
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.model import load_classifier
 
@@ -588,6 +588,7 @@ def write_overlays(
         if output in seen:
             raise GradCAMError(f"{path} and {seen[output]} would both write {output}; rename one of them.")
         seen[output] = str(path)
+    ensure_output_dir(out_dir)
     images = [load_image(path) for path in image_paths]
     records = []
     for path, output, image in zip(image_paths, outputs, images):

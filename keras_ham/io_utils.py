@@ -36,6 +36,28 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def ensure_output_dir(path: str | os.PathLike) -> Path:
+    """Create folder `path` if needed and check it is writable, so a long job fails at its
+    start, not after the work, when its output cannot be saved."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cannot_write(path, error) from error
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {path}: permission denied.")
+    return path
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """`ensure_output_dir` for the folder of output file `path`, which must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise _cannot_write(path, IsADirectoryError(path))
+    ensure_output_dir(path.parent)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only on success.

@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_device(args.device, log=None)  # before Keras is imported
     import pandas as pd
 
-    from keras_ham.io_utils import write_csv_atomic
+    from keras_ham.io_utils import check_output_file, write_csv_atomic
     from keras_ham.labels import CLASS_NAMES
     from keras_ham.predict import Predictor, expand_image_paths, predict_files, top_classes
 
+    if args.csv:
+        check_output_file(args.csv)  # fail now, not after classifying every image
     paths = expand_image_paths(args.paths)
     predictor = Predictor.from_file(args.model, batch_size=args.batch_size, tta=args.tta)
     probabilities = predict_files(predictor, paths)

@@ -97,3 +97,15 @@ def test_atomic_writes_name_the_output_that_cannot_be_written(tmp_path):
         write_text_atomic(tmp_path / "afile" / "out.csv", "x")
     assert (tmp_path / "afile").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder.csv"]  # no temp files left
+
+
+def test_output_locations_are_checked_before_the_work(tmp_path):
+    from keras_ham.io_utils import OutputError, check_output_file, ensure_output_dir
+
+    assert ensure_output_dir(tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="part of the path is a file"):
+        ensure_output_dir(tmp_path / "file" / "sub")
+    with pytest.raises(OutputError, match="a folder of that name exists"):
+        check_output_file(tmp_path / "a")
+    assert check_output_file(tmp_path / "c" / "p.csv") == tmp_path / "c" / "p.csv" and (tmp_path / "c").is_dir()
