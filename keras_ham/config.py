@@ -20,7 +20,19 @@ from keras_ham.errors import KerasHamError
 
 
 class ConfigError(KerasHamError, ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
+    """A configuration value is unknown, of the wrong type or out of range.
+
+    `keys` names the config keys whose values are at fault (empty when none is), so the
+    message can point at where a bad value came from: the YAML file or a --set override.
+    """
+
+    def __init__(self, message: str, *, keys: Iterable[str] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
+
+
+def _key_error(name: str, problem: str) -> ConfigError:
+    return ConfigError(f"Config key '{name}': {problem}", keys=(name,))
 
 
 @dataclass(frozen=True)
@@ -178,23 +190,23 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 return _coerce(name, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"Config key '{name}': expected {_type_name(tp)}, received {value!r}.")
+        raise _key_error(name, f"expected {_type_name(tp)}, received {value!r}.")
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise ConfigError(f"Config key '{name}': expected a list of non-empty strings, received {value!r}.")
+            raise _key_error(name, f"expected a list of non-empty strings, received {value!r}.")
         return tuple(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"Config key '{name}': expected true or false, received {value!r}.")
+        raise _key_error(name, f"expected true or false, received {value!r}.")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"Config key '{name}': expected an integer, received {value!r}.")
+        raise _key_error(name, f"expected an integer, received {value!r}.")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -203,18 +215,18 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"Config key '{name}': expected a number, received {value!r}.")
+        raise _key_error(name, f"expected a number, received {value!r}.")
     if tp is str:
         if isinstance(value, str) and value != "":
             return value
-        raise ConfigError(f"Config key '{name}': expected a non-empty string, received {value!r}.")
-    raise ConfigError(f"Config key '{name}': unsupported type {tp!r}.")  # pragma: no cover
+        raise _key_error(name, f"expected a non-empty string, received {value!r}.")
+    raise _key_error(name, f"unsupported type {tp!r}.")  # pragma: no cover
 
 
 def _check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
-        raise ConfigError(f"Config key '{name}': expected one of {', '.join(choices)}, received {value!r}.")
+        raise _key_error(name, f"expected one of {', '.join(choices)}, received {value!r}.")
 
 
 def _validate(config: Config) -> None:
@@ -222,24 +234,24 @@ def _validate(config: Config) -> None:
         value = getattr(config, name)
         # Written as "not inside" so NaN (which compares False to everything) is rejected.
         if not ((low is None or value >= low) and (high is None or value <= high)):
-            raise ConfigError(f"Config key '{name}': expected {text}, received {value!r}.")
+            raise _key_error(name, f"expected {text}, received {value!r}.")
     if config.batchnorm_momentum is not None and not 0.0 <= config.batchnorm_momentum < 1.0:
-        raise ConfigError(
-            f"Config key 'batchnorm_momentum': expected null or a number in [0, 1), received {config.batchnorm_momentum!r}."
-        )
+        raise _key_error("batchnorm_momentum",
+                         f"expected null or a number in [0, 1), received {config.batchnorm_momentum!r}.")
     if not config.lr > 0 or config.lr > 10:
-        raise ConfigError(f"Config key 'lr': expected a number in (0, 10], received {config.lr!r}.")
+        raise _key_error("lr", f"expected a number in (0, 10], received {config.lr!r}.")
     if config.test_fraction + config.val_fraction >= 0.95:
         raise ConfigError(
             "Config keys 'test_fraction' + 'val_fraction' must leave at least 5 % for training, "
-            f"received {config.test_fraction} + {config.val_fraction}."
+            f"received {config.test_fraction} + {config.val_fraction}.",
+            keys=("test_fraction", "val_fraction"),
         )
     _check_choice("model", config.model, MODELS)
     _check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
     _check_choice("monitor", config.monitor, MONITORS)
     _check_choice("device", config.device, DEVICES)
     if not config.image_dirs:
-        raise ConfigError("Config key 'image_dirs': expected at least one folder, received [].")
+        raise _key_error("image_dirs", "expected at least one folder, received [].")
 
 
 def load_config_dict(data: Mapping[str, Any]) -> Config:
@@ -304,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mappi
         return load_config_dict(data)
     except ConfigError as error:
         # Name where the bad value came from: an override, else the file.
-        culprit = next((key for key in overridden if f"'{key}'" in str(error)), None)
+        culprit = next((key for key in error.keys if key in overridden), None)
         if culprit is not None and not isinstance(overrides, Mapping):
             raise ConfigError(f"--set {culprit}: {error}") from None
         if path is not None and (culprit is None or culprit in from_file):
