@@ -43,12 +43,11 @@ def script_main(
     main: Callable[..., int] | None = None,
     *,
     interrupted: str = "interrupted",
-    also: tuple[type[BaseException], ...] = (),
 ):
     """Decorate a script's `main(argv) -> int`.
 
     A `KerasHamError`, an `OSError` (a file that cannot be read or written: the message
-    names it) or one of `also` prints `error: <message>` to stderr and returns 2; the message
+    names it) prints `error: <message>` to stderr and returns 2; the message
     already says what is wrong, so a traceback would only bury it. Ctrl-C prints
     `interrupted` and returns 130.
     """
@@ -58,7 +57,7 @@ def script_main(
         def wrapper(*args, **kwargs) -> int:
             try:
                 return function(*args, **kwargs)
-            except (KerasHamError, OSError, *also) as error:
+            except (KerasHamError, OSError) as error:
                 print(f"error: {error}", file=sys.stderr)
                 return EXIT_USER_ERROR
             except KeyboardInterrupt:

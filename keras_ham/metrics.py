@@ -224,9 +224,9 @@ def bootstrap_intervals(
     how many. Pass lesion ids as `groups` to resample whole lesions.
     """
     y_true = np.asarray(y_true, dtype=int)
-    y_pred = np.asarray(probabilities).argmax(axis=1)
+    probabilities = np.asarray(probabilities)
     weights = bootstrap_weights(len(y_true), groups, resamples=resamples, seed=seed)
-    values = weighted_headline_metrics(y_true, y_pred, weights, np.asarray(probabilities).shape[1])
+    values = weighted_headline_metrics(y_true, probabilities.argmax(axis=1), weights, probabilities.shape[1])
     tail = 100 * (1 - level) / 2
     intervals = {name: [float(np.percentile(values[name], tail)), float(np.percentile(values[name], 100 - tail))]
                  for name in INTERVAL_METRICS}

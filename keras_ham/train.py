@@ -90,7 +90,6 @@ def resolve_run_dir(config: Config, default_name: str, log: Log = print) -> tupl
             raise TrainingError(f"{candidate} is a file; expected a run folder. Move it or use --set run_name=NEW_NAME.")
         if not candidate.exists() or not any(candidate.iterdir()):
             return candidate, False
-        has_results = any((candidate / item).exists() for item in (SUMMARY, BEST_MODEL, HISTORY))
         if (candidate / STATE_DIR / STATE_FILE).exists() and not (candidate / SUMMARY).exists():
             differing = _differing_keys(candidate / CONFIG, config)
             if differing:
@@ -100,7 +99,7 @@ def resolve_run_dir(config: Config, default_name: str, log: Log = print) -> tupl
                     "with --set run_name=NEW_NAME."
                 )
             return candidate, True
-        if not has_results:
+        if not any((candidate / item).exists() for item in (SUMMARY, BEST_MODEL, HISTORY)):
             log(f"{candidate} holds no finished epoch of an earlier run; reusing it.")
             return candidate, False
         k += 1
@@ -322,10 +321,10 @@ def prepare_demo_data(config: Config, log: Log = print) -> None:
 def _read_state(state_file: Path) -> dict:
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
+        problem = None if isinstance(state, dict) and isinstance(state.get("epoch"), int) else "not a resume state"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        state = error
-    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
-        problem = state if isinstance(state, Exception) else "not a resume state"
+        problem = error
+    if problem is not None:
         raise TrainingError(f"{state_file} is unreadable ({problem}). Delete {state_file.parent} to start this "
                             "run over, or start a new run with --set run_name=NEW_NAME.")
     return state

@@ -25,7 +25,7 @@ def test_bugs_keep_their_traceback_and_success_passes_through():
     def failing(argv=None):
         raise ZeroDivisionError("a bug")
 
-    @script_main(also=(OSError,))
+    @script_main
     def ok(argv=None):
         return 0
 
@@ -34,8 +34,8 @@ def test_bugs_keep_their_traceback_and_success_passes_through():
     assert ok([]) == 0
 
 
-def test_also_and_interrupted(capsys):
-    @script_main(also=(OSError,), interrupted="interrupted: rerun to resume")
+def test_os_error_and_interrupted(capsys):
+    @script_main(interrupted="interrupted: rerun to resume")
     def main(kind):
         raise {"os": PermissionError("out/: permission denied"), "ctrl-c": KeyboardInterrupt()}[kind]
 
