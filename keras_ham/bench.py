@@ -746,9 +746,10 @@ class _TorchLoop:
         import torch
 
         from keras_ham.labels import NUM_CLASSES
+        from keras_ham.predict import model_device
 
         self.model, self.dataset, self.config, self.num_classes = model, dataset, config, NUM_CLASSES
-        self.device = _device_of(model)
+        self.device = model_device(model)
         parameters = [p for p in model.parameters() if p.requires_grad]
         # Keras's AdamW: epsilon 1e-7, decoupled decay variable -= lr * wd * variable, like torch's.
         self.optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, eps=1e-7)
@@ -767,11 +768,6 @@ class _TorchLoop:
         self.optimizer.step()
 
 
-def _device_of(model):
-    """The torch device holding the model's weights (where inputs must go)."""
-    return model.weights[0].value.device
-
-
 def _images(params: dict, count: int) -> np.ndarray:
     """(count, S, S, 3) float32 batch of the benchmark images via the cached dataset."""
     dataset = _dataset(params, max(count, 1), cache_dir=params["cache_dir"], shuffle=False)
@@ -783,7 +779,7 @@ def _inference_task(params: dict, backend: str) -> dict:
     import keras
 
     from keras_ham.model import build_model
-    from keras_ham.predict import Predictor
+    from keras_ham.predict import Predictor, model_device
 
     options = params["options"]
     batch_size, runs = options["batch_size"], options["steps"] * options["repeats"]
@@ -801,7 +797,7 @@ def _inference_task(params: dict, backend: str) -> dict:
     if backend == "torch":
         import torch
 
-        device = _device_of(model)
+        device = model_device(model)
 
         def torch_plain(x):
             with torch.inference_mode():
@@ -859,12 +855,13 @@ def _gradcam_task(params: dict) -> dict:
 
     from keras_ham.gradcam import GradCAM
     from keras_ham.model import build_model
+    from keras_ham.predict import model_device
 
     options = params["options"]
     model = build_model(_bench_config(options))
     image = _images(params, 1)
     gradcam = GradCAM(model)
-    tensor = torch.from_numpy(image).to(_device_of(model))
+    tensor = torch.from_numpy(image).to(model_device(model))
 
     def forward_backward(_):
         model.zero_grad(set_to_none=True)
@@ -923,12 +920,12 @@ def _breakdown_task(params: dict) -> dict:
     from keras.src.backend.torch import nn as keras_torch_nn
 
     from keras_ham.model import build_model
-    from keras_ham.predict import TorchInferenceGraph
+    from keras_ham.predict import TorchInferenceGraph, model_device
 
     options = params["options"]
     model = build_model(_bench_config(options))
     _randomize_batchnorm(model)
-    batch = torch.from_numpy(_images(params, options["batch_size"])).to(_device_of(model))
+    batch = torch.from_numpy(_images(params, options["batch_size"])).to(model_device(model))
     original = keras_torch_nn._transpose_spatial_inputs
 
     def without_copy(inputs):  # the permuted NHWC view is already channels_last: no copy needed
