@@ -13,6 +13,7 @@ is built per session by `create_app`). Uploads are sent in 4 MB chunks and limit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import sys
@@ -36,6 +37,7 @@ import param  # noqa: E402
 
 from keras_ham import dashboard_logic as logic  # noqa: E402
 from keras_ham.errors import KerasHamError  # noqa: E402
+from keras_ham.server_log import quiet_client_disconnects  # noqa: E402
 
 LOG = logging.getLogger("keras_ham.dashboard")
 
@@ -499,6 +501,10 @@ class DashboardSession:
         self.card_views: dict[int, CardView] = {}
         self.bundle: logic.ModelBundle | None = None
         self.model_problem: str | None = None
+        #: Set when the browser session ends: work finishing afterwards no longer updates the page.
+        self.closed = False
+        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+            pn.state.on_session_destroyed(self._on_session_destroyed)
 
         choices = logic.model_choices(options.runs_dir, self.start_model)
         self.model_select = pn.widgets.Select(options=choices, sizing_mode="stretch_width",
@@ -531,6 +537,9 @@ class DashboardSession:
         self._refresh_status()
         self.run_tab = self._run_tab()
         self.template = self._template()
+
+    def _on_session_destroyed(self, _session_context) -> None:
+        self.closed = True
 
     # ----------------------------------------------------------------- model
 
@@ -615,7 +624,7 @@ class DashboardSession:
                 LOG.exception("analysing %s failed", filename)
                 message = f"{filename}: analysis failed ({type(error).__name__}: {error})."
                 card = logic.ErrorCard(card_id, filename, message)
-        if placeholder not in self.grid.objects:  # cleared while analysing
+        if self.closed or placeholder not in self.grid.objects:  # tab closed, or cleared, while analysing
             return None
         self._show(card, placeholder)
         return card
@@ -745,4 +754,6 @@ pn.theme.Fast._resources = {kind: value for kind, value in pn.theme.Fast._resour
 pn.extension(notifications=False)
 
 if __name__.startswith("bokeh"):  # `panel serve` runs this file once per session
+    with contextlib.suppress(RuntimeError):  # no running loop: not inside a server, nothing to filter
+        quiet_client_disconnects(asyncio.get_running_loop())  # a tab closed mid-update is not a traceback
     create_app().template.servable(title=TITLE)

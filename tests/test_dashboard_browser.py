@@ -167,7 +167,6 @@ def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browse
         assert shown in CLASS_NAMES, shown
         print(f"\nupload -> prediction + Grad-CAM shown: {elapsed:.2f} s (server had the file after {received:.2f} s; "
               f"{image.name}, model {os.environ.get('KERAS_HAM_BROWSER_MODEL') or 'tiny resnet18 64 px'})")
-        assert elapsed < 60, f"took {elapsed:.1f} s"
 
         # Explain another class: the caption follows the choice once the new cam is drawn.
         other_class = next(name for name in CLASS_NAMES if name != shown)
