@@ -139,7 +139,8 @@ class HamDataset(keras.utils.PyDataset):
 
     Attributes: `paths` (list of Path), `labels` (int32 array or None, in `paths` order),
     `frame` (the split CSV rows when built by `dataset_from_split_csv`, else None),
-    `cache_path` (Path or None).
+    `cache_path` (Path or None), `class_weight` (float32 weight per class index, or None;
+    settable), `rank`, `world_size`.
     """
 
     def __init__(

@@ -246,6 +246,12 @@ class Context:
 
     # ----------------------------------------------------------------- tensors and models
 
+    def _for_backend(self, tensor):
+        """`tensor`, or a CPU copy of it where gloo cannot reach its device (MPS, DirectML)."""
+        if self.backend == "gloo" and tensor.device.type not in ("cpu", "cuda"):
+            return tensor.cpu()
+        return tensor
+
     def _all_reduce_tensors(self, tensors: Sequence, average: bool = False) -> None:
         """Sum (or average) `tensors` over ranks in place, one flat buffer per dtype and bucket."""
         import torch
@@ -253,7 +259,7 @@ class Context:
 
         pending = []
         for bucket in _buckets(tensors):
-            flat = torch.cat([t.reshape(-1) for t in bucket])
+            flat = self._for_backend(torch.cat([t.reshape(-1) for t in bucket]))
             pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
         for bucket, flat, work in pending:
             work.wait()
@@ -283,7 +289,7 @@ class Context:
             values = [v.value.detach().clone() for v in variables]
             if operation == "broadcast":
                 for bucket in _buckets(values):
-                    flat = torch.cat([t.reshape(-1) for t in bucket])
+                    flat = self._for_backend(torch.cat([t.reshape(-1) for t in bucket]))
                     dist.broadcast(flat, src=0)
                     offset = 0
                     for tensor in bucket:

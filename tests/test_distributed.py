@@ -191,7 +191,10 @@ def test_two_process_run_has_one_writer_whole_set_validation_and_a_single_proces
 
 @needs_gloo
 def test_kill_9_of_both_ranks_then_the_same_command_resumes_on_both(tiny_demo, tmp_path, repo_root):
-    config = tiny_config(tiny_demo, tmp_path, batch_size=8, max_epochs=3, run_name="killed")
+    # head phase (frozen backbone) for 2 epochs, then fine-tuning: the kill inside epoch 2 resumes
+    # mid-phase (weights and optimizer state), and the resumed job changes phase
+    config = tiny_config(tiny_demo, tmp_path, batch_size=8, max_epochs=3, freeze_backbone_epochs=2,
+                         run_name="killed")
     config_file = tmp_path / "killed.yaml"
     config_file.write_text(config.to_yaml())
     code, output, _ = torchrun(WORKER, "train", config_file, "--kill-epoch", 1, cwd=repo_root)
