@@ -128,6 +128,7 @@ def test_placement_and_timeout_come_from_the_environment():
 
 
 @needs_gloo
+@pytest.mark.slow  # a torchrun job: two processes import Keras and train
 def test_one_step_on_two_processes_equals_one_process_with_twice_the_batch(tmp_path, repo_root):
     """SGD (an update proportional to the gradient, unlike Adam's first step) with class weights,
     on a full global batch (4 + 4 images) and a partial one (3 + 4)."""
@@ -150,6 +151,7 @@ def test_one_step_on_two_processes_equals_one_process_with_twice_the_batch(tmp_p
 
 
 @needs_gloo
+@pytest.mark.slow  # a torchrun job: two processes import Keras and train
 def test_two_process_run_has_one_writer_whole_set_validation_and_a_single_process_folder(tiny_demo, tmp_path,
                                                                                         repo_root):
     import keras
@@ -181,7 +183,7 @@ def test_two_process_run_has_one_writer_whole_set_validation_and_a_single_proces
     assert best_row["val_accuracy"] == pytest.approx(np.mean(predicted == val.labels), abs=1e-9)
 
     # the same folder, in shape, as a single-process run
-    single = train(config.replace(run_name="single"), log=lambda _m: None, verbose=0).run_dir
+    single = train(config.replace(run_name="single", max_epochs=1), log=lambda _m: None, verbose=0).run_dir
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in single.iterdir())
     assert list(history.columns) == list(pd.read_csv(single / "history.csv").columns)
     assert history["epoch"].tolist() == [1, 2]
@@ -190,6 +192,7 @@ def test_two_process_run_has_one_writer_whole_set_validation_and_a_single_proces
 
 
 @needs_gloo
+@pytest.mark.slow  # a torchrun job: two processes import Keras and train
 def test_kill_9_of_both_ranks_then_the_same_command_resumes_on_both(tiny_demo, tmp_path, repo_root):
     # head phase (frozen backbone) for 2 epochs, then fine-tuning: the kill inside epoch 2 resumes
     # mid-phase (weights and optimizer state), and the resumed job changes phase
@@ -212,6 +215,7 @@ def test_kill_9_of_both_ranks_then_the_same_command_resumes_on_both(tiny_demo, t
 
 
 @needs_gloo
+@pytest.mark.slow  # a torchrun job: two processes import Keras and train
 def test_one_rank_raising_ends_the_whole_job_with_its_error(tiny_demo, tmp_path, repo_root):
     config = tiny_config(tiny_demo, tmp_path, batch_size=8, max_epochs=3, run_name="failing")
     config_file = tmp_path / "failing.yaml"
