@@ -2,9 +2,11 @@
 
     torchrun ... tests/_distributed_worker.py step OUT.npz
         one optimizer step of tiny models on fixed images; rank 0 saves the weights
-    torchrun ... tests/_distributed_worker.py train CONFIG.yaml [--kill-epoch E] [--raise-rank R] [--audit PREFIX]
-        keras_ham.train.train(CONFIG); kill -9 of every rank during epoch E (0-based), or an
-        exception on rank R in the first epoch; --audit records every file this rank writes,
+    torchrun ... tests/_distributed_worker.py train CONFIG.yaml [--kill-epoch E] [--raise-rank R]
+                                              [--stop-rank R] [--audit PREFIX]
+        keras_ham.train.train(CONFIG); kill -9 of every rank during epoch E (0-based), an
+        exception on rank R in the first epoch, or rank R alone asking to stop training after
+        its second step (as TerminateOnNaN does); --audit records every file this rank writes,
         renames, creates or removes under the config's out_dir into PREFIX-<rank>.json
 """
 
@@ -138,6 +140,8 @@ def run_training(args) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if batch == 1 and self.epoch == 0 and rank == args.raise_rank:
                 raise RuntimeError(f"injected failure on rank {rank}")
+            if batch == 1 and self.epoch == 0 and rank == args.stop_rank:  # as TerminateOnNaN does
+                self.model.stop_training = True
 
     train(config, log=print, verbose=0, extra_callbacks=[Inject()])
 
@@ -148,6 +152,7 @@ def main() -> None:
     parser.add_argument("path")
     parser.add_argument("--kill-epoch", type=int, default=-1)
     parser.add_argument("--raise-rank", type=int, default=-1)
+    parser.add_argument("--stop-rank", type=int, default=-1)
     parser.add_argument("--audit")
     args = parser.parse_args()
     configure_device("cpu", log=None)

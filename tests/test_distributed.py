@@ -225,3 +225,17 @@ def test_one_rank_raising_ends_the_whole_job_with_its_error(tiny_demo, tmp_path,
     assert "RuntimeError: injected failure on rank 1" in output
     assert "ChildFailedError" in output  # torchrun ended the job (rank 0 was waiting in an all-reduce)
     assert not (tmp_path / "runs" / "failing" / "summary.json").exists()
+
+
+@needs_gloo
+@pytest.mark.slow  # a torchrun job: two processes import Keras and train
+def test_a_stop_asked_by_one_rank_stops_all_ranks_at_the_same_step(tiny_demo, tmp_path, repo_root):
+    """TerminateOnNaN stops the rank that saw the NaN; the others must stop too, not wait in the
+    next all-reduce until the collective timeout (120 s here)."""
+    config = tiny_config(tiny_demo, tmp_path, batch_size=8, max_epochs=3, run_name="stopped")
+    config_file = tmp_path / "stopped.yaml"
+    config_file.write_text(config.to_yaml())
+    code, output, seconds = torchrun(WORKER, "train", config_file, "--stop-rank", 1, cwd=repo_root, timeout=300)
+    assert code == 0, output[-3000:]
+    assert "Timeout" not in output and "timed out" not in output
+    assert pd.read_csv(tmp_path / "runs" / "stopped" / "history.csv")["epoch"].tolist() == [1]
