@@ -18,12 +18,13 @@ import sys
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import keras
 import numpy as np
 
 from keras_ham.config import Config
+from keras_ham.distributed import batches_per_epoch, shard_of_batch
 from keras_ham.images import ImageError, load_image
 from keras_ham.io_utils import atomic_path
 from keras_ham.labels import CLASS_TO_INDEX, NUM_CLASSES
@@ -128,13 +129,18 @@ class HamDataset(keras.utils.PyDataset):
     epoch differs and the sequence repeats for the same seed; `on_epoch_end` advances `epoch`.
     Keras' `fit` also calls `on_epoch_end` once before its first epoch (EpochIterator.reset), so
     to make a resumed run see the same orders, set `dataset.epoch = epoch` from a callback's
-    `on_epoch_begin`. With `cache_dir`, images are decoded once
+    `on_epoch_begin`. With `world_size` W > 1 (torchrun), `rank` r gets its part of each global
+    batch of W*batch_size images (`keras_ham.distributed.shard_of_batch`) and `len()` is
+    ceil(N / (W*batch_size)) on every rank. With `class_weight` or W > 1 batches are
+    `(images, labels, sample_weights)`: class weight times the shard's loss scale
+    (`batch_weights`). With `cache_dir`, images are decoded once
     (see `build_cache`, which runs in the constructor) and read from a memory map afterwards; the
     map is opened lazily in each process, so `use_multiprocessing=True` works.
 
     Attributes: `paths` (list of Path), `labels` (int32 array or None, in `paths` order),
     `frame` (the split CSV rows when built by `dataset_from_split_csv`, else None),
-    `cache_path` (Path or None).
+    `cache_path` (Path or None), `class_weight` (float32 weight per class index, or None;
+    settable), `rank`, `world_size`.
     """
 
     def __init__(
@@ -150,6 +156,9 @@ class HamDataset(keras.utils.PyDataset):
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
+        class_weight: Mapping[int, float] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
         self.paths = [Path(path) for path in paths]
@@ -164,13 +173,18 @@ class HamDataset(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank must be in [0, world_size), received {rank=}, {world_size=}.")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.class_weight = None if class_weight is None else np.array(
+            [float(class_weight.get(index, 1.0)) for index in range(NUM_CLASSES)], dtype=np.float32)
         self.epoch = 0
         self.frame = None
         self.cache_path = None if cache_dir is None else build_cache(self.paths, self.image_size, cache_dir)
         self._cache: tuple[int, np.ndarray] | None = None  # (pid that opened it, memmap)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.paths) / self.batch_size)
+        return batches_per_epoch(len(self.paths), self.batch_size, self.world_size)
 
     @property
     def epoch(self) -> int:
@@ -193,14 +207,26 @@ class HamDataset(keras.utils.PyDataset):
         """Indices into `paths` (and `labels`) of batch `index` in this epoch's order."""
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches.")
-        return self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        return shard_of_batch(self._order, index, self.batch_size, self.rank, self.world_size)[0]
+
+    def batch_weights(self, index: int) -> np.ndarray:
+        """Loss weights of batch `index`: class weight (if any) times the shard's loss scale
+        (1 in a single process; 0 for a padding image)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range for {len(self)} batches.")
+        indices, scale = shard_of_batch(self._order, index, self.batch_size, self.rank, self.world_size)
+        if self.class_weight is not None and self.labels is not None:
+            scale = scale * self.class_weight[self.labels[indices]]
+        return scale
 
     def __getitem__(self, index: int):
         indices = self.batch_indices(index)
         images = self._read_cached(indices) if self.cache_path is not None else self._decode(indices)
         if self.labels is None:
             return images
-        return images, self.labels[indices]
+        if self.class_weight is None and self.world_size == 1:
+            return images, self.labels[indices]
+        return images, self.labels[indices], self.batch_weights(index)
 
     def _decode(self, indices: np.ndarray) -> np.ndarray:
         images = np.empty((len(indices), self.image_size, self.image_size, 3), dtype=np.float32)
@@ -249,10 +275,13 @@ def _check_labels(labels, count: int) -> np.ndarray:
     return array.astype(np.int32)
 
 
-def dataset_from_split_csv(csv_path: str | os.PathLike, config: Config, *, training: bool) -> HamDataset:
+def dataset_from_split_csv(csv_path: str | os.PathLike, config: Config, *, training: bool,
+                           class_weight: Mapping[int, float] | None = None, rank: int = 0,
+                           world_size: int = 1) -> HamDataset:
     """The dataset of a split CSV (columns image_id, dx, ...): images found under
     `config.image_dirs` and the CSV's folder (a missing image is a `MetadataError` naming it),
-    labels from `dx`, shuffled when `training`. Sizes, seed, cache and workers come from `config`."""
+    labels from `dx`, shuffled when `training`. Sizes, seed, cache and workers come from `config`;
+    `class_weight`, `rank` and `world_size` as in `HamDataset`."""
     frame = read_metadata(csv_path, required=EVAL_COLUMNS)
     paths = require_image_paths(frame, csv_path, config.image_dirs)
     dataset = HamDataset(
@@ -266,6 +295,9 @@ def dataset_from_split_csv(csv_path: str | os.PathLike, config: Config, *, train
         workers=config.workers,
         use_multiprocessing=config.use_multiprocessing,
         max_queue_size=config.max_queue_size,
+        class_weight=class_weight,
+        rank=rank,
+        world_size=world_size,
     )
     dataset.frame = frame
     return dataset

@@ -127,6 +127,10 @@ def configure_device(requested: str = "auto", *, log: Callable[[str], None] | No
             log(f"backend: {backend} (device selection applies to the torch backend only)")
         return choice
     choice = choose_device(requested)
+    if choice.kind == "cuda":  # under torchrun: this rank's LOCAL_RANK GPU
+        from keras_ham.distributed import per_process_device
+
+        choice = dataclasses.replace(choice, torch_device=per_process_device(choice.torch_device, choice.kind))
     keras_core = sys.modules.get("keras.src.backend.torch.core")
     if keras_core is not None and str(keras_core.DEFAULT_DEVICE) != choice.torch_device:
         if requested != "auto":

@@ -13,6 +13,9 @@ Every file is written atomically. If the process dies (even `kill -9`), running 
 command again finds `state/` and continues from the last finished epoch.
 
 Call `keras_ham.device.configure_device()` before importing this module.
+
+Under torchrun the same function trains data-parallel (keras_ham.distributed): every rank
+trains on its shard of each batch, rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import keras
+import numpy as np
 import yaml
 
-from keras_ham import __version__
+from keras_ham import __version__, distributed
 from keras_ham.config import Config
 from keras_ham.dataset import class_weights, dataset_from_split_csv
 from keras_ham.device import DeviceChoice, keras_without_tensorflow, make_optimizer, set_random_seed
@@ -188,8 +192,11 @@ class RunCheckpoint(keras.callbacks.Callback):
     at any moment leaves either the previous consistent state or the new one.
     """
 
-    def __init__(self, run_dir: Path, config: Config, export_model: keras.Model, state: dict, log: Log):
+    def __init__(self, run_dir: Path, config: Config, export_model: keras.Model, state: dict, log: Log,
+                 writes: bool = True):
         super().__init__()
+        #: False on ranks other than 0: they keep the same state in memory but write nothing.
+        self.writes = writes
         self.run_dir = run_dir
         self.config = config
         self.export_model = export_model
@@ -227,9 +234,10 @@ class RunCheckpoint(keras.callbacks.Callback):
                 f"monitor={self.config.monitor!r} is not among the epoch's metrics: {', '.join(sorted(logs))}."
             )
         if self._improved(float(monitored)):
-            self.export_model.set_weights(self.model.get_weights())
-            with atomic_path(self.run_dir / BEST_MODEL) as tmp, keras_without_tensorflow():
-                self.export_model.save(tmp)
+            if self.writes:
+                self.export_model.set_weights(self.model.get_weights())
+                with atomic_path(self.run_dir / BEST_MODEL) as tmp, keras_without_tensorflow():
+                    self.export_model.save(tmp)
             self.state.update(best_score=float(monitored), best_epoch=epoch + 1)
             self.log(f"epoch {epoch + 1}: {self.config.monitor} improved to {float(monitored):.4f}; saved {BEST_MODEL}")
         self.state["callback_counters"] = {name: cb.counters() for name, cb in self.counter_callbacks.items()}
@@ -240,6 +248,9 @@ class RunCheckpoint(keras.callbacks.Callback):
         self._save_state(epoch + 1)
 
     def _save_state(self, next_epoch: int) -> None:
+        if not self.writes:
+            self.state.update(epoch=next_epoch)
+            return
         state_dir = self.run_dir / STATE_DIR
         state_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = state_dir / f"epoch-{next_epoch:04d}.weights.h5"
@@ -271,9 +282,10 @@ class TrainResult:
     summary: dict
 
 
-def _compile(model: keras.Model, config: Config, learning_rate: float, device: DeviceChoice | None) -> None:
+def _compile(model: keras.Model, config: Config, learning_rate: float, device: DeviceChoice | None,
+             context: distributed.Context) -> None:
     model.compile(
-        optimizer=make_optimizer(learning_rate, config.weight_decay, device),
+        optimizer=context.averaging_optimizer(make_optimizer(learning_rate, config.weight_decay, device)),
         loss=SparseCrossentropyWithSmoothing(NUM_CLASSES, config.label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"), BalancedAccuracy(NUM_CLASSES)],
     )
@@ -341,30 +353,38 @@ def train(
 ) -> TrainResult:
     """Train `config` into a run folder (resuming an interrupted one) and return it."""
     started = time.perf_counter()
-    set_random_seed(config.seed)
-    prepare_demo_data(config, log)
-    train_data = dataset_from_split_csv(config.train_csv, config, training=True)
-    val_data = dataset_from_split_csv(config.val_csv, config, training=False)
+    context = distributed.context(device.kind if device else "cpu")  # world size 1 without torchrun
+    log = context.main_log(log)
+    verbose = verbose if context.is_main else 0
+    set_random_seed(config.seed + context.rank)  # weights come from rank 0; augmentation differs per rank
+    context.main_first(lambda: prepare_demo_data(config, log))
+    shard = {"rank": context.rank, "world_size": context.world_size}
+    val_data = context.main_first(lambda: dataset_from_split_csv(config.val_csv, config, training=False, **shard))
+    train_data = context.main_first(lambda: dataset_from_split_csv(config.train_csv, config, training=True, **shard))
     log(f"train: {len(train_data.labels)} images, val: {len(val_data.labels)} images, image size {config.image_size}")
     weights = class_weights(train_data.labels, NUM_CLASSES) if config.use_class_weights else None
     if weights:
         log("class weights: " + ", ".join(f"{CLASS_NAMES[i]} {w:.2f}" for i, w in weights.items()))
+        train_data.class_weight = np.array([weights[i] for i in range(NUM_CLASSES)], dtype=np.float32)
 
-    run_dir, resuming = resolve_run_dir(config, default_run_name or config.model, log)
     state: dict = {"epoch": 0, "history": [], "best_score": None, "best_epoch": None, "checkpoint": None}
-    state_file = run_dir / STATE_DIR / STATE_FILE
-    if resuming:  # read before anything in the folder is rewritten
-        state.update(_read_state(state_file))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / CONFIG, config.to_yaml())
-    write_json_atomic(run_dir / LABELS, labels_document())
+    if context.is_main:
+        run_dir, resuming = resolve_run_dir(config, default_run_name or config.model, log)
+        state_file = run_dir / STATE_DIR / STATE_FILE
+        if resuming:  # read before anything in the folder is rewritten
+            state.update(_read_state(state_file))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / CONFIG, config.to_yaml())
+        write_json_atomic(run_dir / LABELS, labels_document())
+    run_dir, resuming, state = context.broadcast_object((run_dir, resuming, state) if context.is_main else None)
     if resuming:
         counters = "".join(f"; {name} waited {c['wait']} epoch(s)" for name, c in state.get("callback_counters", {}).items())
         log(f"resuming {run_dir} from epoch {state['epoch'] + 1} (best so far: {state['best_score']}{counters})")
 
     model = build_model(config)
     export_model = build_model(config.replace(weights=None))
-    checkpoint_cb = RunCheckpoint(run_dir, config, export_model, state, log)
+    checkpoint_cb = RunCheckpoint(run_dir, config, export_model, state, log, writes=context.is_main)
+    first_cb, last_cb = context.callbacks(val_data)  # whole-set validation; ranks stop together
     fit_seconds = 0.0
     images_seen = 0
     for phase, first_epoch, end_epoch in _phases(config):
@@ -375,12 +395,14 @@ def train(
             log(f"phase '{phase}': epochs {first_epoch + 1}-{end_epoch}, backbone {'trainable' if phase == 'fine-tune' else 'frozen'}")
         checkpoint = state.get("checkpoint")
         if checkpoint and state["epoch"] == first_epoch:
-            model.load_weights(run_dir / STATE_DIR / checkpoint)  # a new phase starts a new optimizer
+            if context.is_main:
+                model.load_weights(run_dir / STATE_DIR / checkpoint)  # a new phase starts a new optimizer
             checkpoint = None
-        _compile(model, config, learning_rate_at(first_epoch, config), device)
-        if checkpoint:
+        _compile(model, config, learning_rate_at(first_epoch, config), device, context)
+        if checkpoint and context.is_main:
             model.optimizer.build(model.trainable_variables)
             model.load_weights(run_dir / STATE_DIR / checkpoint)
+        context.broadcast_training_state(model)  # rank 0's weights and optimizer state everywhere
         # Keras calls the dataset's on_epoch_end once before the first epoch, so pin the
         # shuffle order to the absolute epoch: a resumed run sees the same orders.
         pin_epoch = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: setattr(train_data, "epoch", epoch))
@@ -393,7 +415,7 @@ def train(
                 restored=restored.get("plateau"))
         else:
             schedule = keras.callbacks.LearningRateScheduler(lambda epoch, _lr: learning_rate_at(epoch, config))
-        callbacks = [schedule, pin_epoch, keras.callbacks.TerminateOnNaN()]
+        callbacks = [first_cb, schedule, pin_epoch, keras.callbacks.TerminateOnNaN()]
         if config.early_stopping_patience:
             callbacks.append(ResumableEarlyStopping(
                 monitor=config.monitor, mode=_monitor_mode(config.monitor), patience=config.early_stopping_patience,
@@ -401,14 +423,13 @@ def train(
             checkpoint_cb.counter_callbacks["early_stopping"] = callbacks[-1]
         callbacks.append(checkpoint_cb)  # last of ours: it saves the counters the others just updated
         callbacks.extend(extra_callbacks)
+        callbacks.append(last_cb)
         first = state["epoch"]
         fit_started = time.perf_counter()
         model.fit(
-            train_data,
-            validation_data=val_data,
+            train_data,  # batches carry the class weights (and each rank's loss scale)
             epochs=end_epoch,
             initial_epoch=first,
-            class_weight=weights,
             shuffle=False,  # the dataset shuffles itself, seeded per epoch
             callbacks=callbacks,
             verbose=verbose,
@@ -441,6 +462,8 @@ def train(
         "val_images": len(val_data.labels),
         "image_size": config.image_size,
         "batch_size": config.batch_size,
+        "world_size": context.world_size,
+        "distributed_backend": context.backend,
         "seconds_total_this_process": round(time.perf_counter() - started, 2),
         "seconds_fit_this_process": round(fit_seconds, 2),
         "train_images_per_second_this_process": round(images_seen / fit_seconds, 2) if fit_seconds and images_seen else None,
@@ -448,7 +471,9 @@ def train(
         "resumed": resuming,
         "versions": package_versions(),
     }
-    write_json_atomic(run_dir / SUMMARY, summary)
-    shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+    if context.is_main:
+        write_json_atomic(run_dir / SUMMARY, summary)
+        shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+    distributed.close()
     log(f"best {config.monitor} {state['best_score']:.4f} at epoch {state['best_epoch']}; run folder {run_dir}")
     return TrainResult(run_dir, state["best_epoch"], state["best_score"], len(state["history"]), summary)

@@ -4,6 +4,7 @@
 Examples:
   python scripts/train.py --config configs/demo.yaml
   python scripts/train.py --config configs/resnet50.yaml --set max_epochs=3 --set weights=null
+  torchrun --nproc_per_node 2 scripts/train.py --config configs/demo.yaml   (data-parallel, see README)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from keras_ham.cli import add_device_argument, script_main  # noqa: E402
 from keras_ham.config import add_config_arguments, load_config  # noqa: E402
 from keras_ham.device import configure_device  # noqa: E402
+from keras_ham.distributed import is_main_process  # noqa: E402
 
 
 @script_main(interrupted="interrupted: run the same command again to resume from the last finished epoch")
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = train(config, default_run_name=Path(args.config).stem if args.config else None,
                    device=device, verbose=2 if args.quiet else "auto")
+    if not is_main_process():  # under torchrun, rank 0 reports and evaluates
+        return 0
     print(f"done: {result.run_dir / 'best.keras'}")
     if args.evaluate:
         from keras_ham.evaluate import evaluate
