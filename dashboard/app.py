@@ -20,9 +20,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import panel as pn  # noqa: E402
+import panel as pn
 
 from keras_ham.device import configure_device  # noqa: E402
 
@@ -37,6 +35,7 @@ import param  # noqa: E402
 
 from keras_ham import dashboard_logic as logic  # noqa: E402
 from keras_ham.errors import KerasHamError  # noqa: E402
+from keras_ham.internals import drop_panel_fast_theme_fonts  # noqa: E402
 from keras_ham.server_log import quiet_client_disconnects  # noqa: E402
 
 LOG = logging.getLogger("keras_ham.dashboard")
@@ -750,7 +749,7 @@ def create_app(options: logic.DashboardOptions | None = None) -> DashboardSessio
 # Panel's Fast design links a Google Fonts stylesheet. Without it the page contacts no third
 # party (a clinician's browser should not report each visit to a font server) and does not
 # block rendering on a network that drops outside traffic; text uses the system sans-serif.
-pn.theme.Fast._resources = {kind: value for kind, value in pn.theme.Fast._resources.items() if kind != "font"}
+drop_panel_fast_theme_fonts()
 pn.extension(notifications=False)
 
 if __name__.startswith("bokeh"):  # `panel serve` runs this file once per session

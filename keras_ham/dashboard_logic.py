@@ -33,20 +33,20 @@ import numpy as np
 from PIL import Image
 
 from keras_ham.errors import KerasHamError
-from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, load_class_names, overlay
-from keras_ham.images import ImageError, load_image
-from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES
-from keras_ham.model import load_classifier
-from keras_ham.predict import Predictor, top_classes
+from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, overlay
+from keras_ham.images import IMAGE_EXTENSIONS, ImageError, load_image
+from keras_ham.model import load_classifier, model_image_size
+from keras_ham.predict import top_classes
+from keras_ham.runs import BEST_MODEL, RUN_FILES, RunFolder, read_labels  # noqa: F401 - RUN_FILES: the app
 
 #: Largest upload accepted, in bytes (FilePond's "20MB" is 20,000,000 bytes too).
 MAX_UPLOAD_BYTES = 20_000_000
 #: File types offered in the upload dialog; any other content is rejected when decoded.
-ACCEPTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+ACCEPTED_EXTENSIONS = IMAGE_EXTENSIONS
 #: Longest side of the images shown on a card (the model sees its own input size).
 DISPLAY_SIZE = 320
 #: The model file a training run writes.
-MODEL_FILE = "best.keras"
+MODEL_FILE = BEST_MODEL
 #: How to get a model when there is none.
 DEMO_TRAIN_COMMAND = "python scripts/train.py --config configs/demo.yaml"
 DEFAULT_THRESHOLD = 0.5
@@ -56,7 +56,6 @@ DEFAULT_OPACITY = 0.4
 MIN_DISPLAY_CAM_CELLS = 7
 TOP_K = 3
 
-RUN_FILES = ("history.csv", "config.yaml", "summary.json", "labels.json")
 HISTORY_PAIRS = (("loss", "val_loss"), ("accuracy", "val_accuracy"), ("balanced_accuracy", "val_balanced_accuracy"))
 
 
@@ -111,7 +110,7 @@ def discover_runs(runs_dir: str | os.PathLike) -> list[RunInfo]:
         return []
     runs = []
     for run_dir in runs_dir.iterdir():
-        model_path = run_dir / MODEL_FILE
+        model_path = RunFolder(run_dir).best_model
         if run_dir.is_dir() and model_path.is_file():
             runs.append(RunInfo(run_dir.name, run_dir, model_path, model_path.stat().st_mtime))
     return sorted(runs, key=lambda run: (-run.modified, run.name))
@@ -171,7 +170,7 @@ def display_layer(choices: Sequence[tuple[str, tuple]]) -> str | None:
 
 
 class ModelBundle:
-    """A loaded classifier with its Predictor, Grad-CAM and class texts; one per path.
+    """A loaded classifier with its Grad-CAM and class texts; one per path.
 
     Sessions share it, so every call into the model holds `lock` (Panel may run callbacks
     on several threads, and a CPU is not faster for running two forward passes at once).
@@ -180,30 +179,26 @@ class ModelBundle:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         model = load_classifier(self.path)
-        self.predictor = Predictor(model, batch_size=1)
         #: [(layer name, (h, w))], deepest first: the layers a card may explain at.
         self.layer_choices = layer_choices(model)
         self.gradcam = GradCAM(model, layer_name=display_layer(self.layer_choices))  # cards open at this layer
         self._gradcams = {self.gradcam.layer_name: self.gradcam}
-        self.image_size = self.predictor.image_size
-        self.class_names = load_class_names(self.path, self.gradcam.num_classes)
-        self.full_names, self.descriptions = _class_texts(self.path, self.class_names)
+        self.image_size = model_image_size(model)
+        # A bad labels.json raises LabelsError naming the file: the page shows it instead of the model.
+        labels = read_labels(RunFolder.of_model(self.path).labels, self.gradcam.num_classes)
+        self.class_names = labels.class_names
+        self.full_names, self.descriptions = labels.full_names, labels.descriptions
         self.lock = threading.Lock()
         # One pass on a blank image while loading, so the first user's upload does not also
         # pay torch's one-off start-up cost (about a second for a ResNet50 on a CPU).
         self.gradcam.cam(np.zeros((1, self.image_size, self.image_size, 3), dtype=np.float32))
 
-    def predict(self, model_input: np.ndarray) -> np.ndarray:
-        """(S, S, 3) uint8 -> (num_classes,) float32 probabilities (the Predictor path)."""
-        with self.lock:
-            return self.predictor.predict(model_input[None].astype(np.float32))[0]
-
     def predict_and_explain(self, model_input: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(S, S, 3) uint8 -> probabilities (num_classes,) and the predicted class's Grad-CAM (S, S).
 
         One forward pass gives both: Grad-CAM runs the same model graph with training=False,
-        so its probabilities equal `predict`'s (asserted in the tests) at half the cost of
-        calling both, which matters for a ResNet50 on a CPU.
+        so its probabilities equal a `keras_ham.predict.Predictor`'s (asserted in the tests)
+        at half the cost of running both, which matters for a ResNet50 on a CPU.
         """
         with self.lock:
             result = self.gradcam.cam(model_input[None])
@@ -224,24 +219,6 @@ class ModelBundle:
                     raise GradCAMError(f"layer {layer!r} is not offered for this model; choose one of {', '.join(offered)}.")
                 self._gradcams[layer] = GradCAM(self.gradcam.model, layer_name=layer)
             return self._gradcams[layer].cam(model_input[None], class_index=int(class_index)).heatmaps[0]
-
-
-def _class_texts(model_path: Path, class_names: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Full names and one-line descriptions: labels.json beside the model, else labels.py."""
-    full_names, descriptions = dict(CLASS_FULL_NAMES), dict(CLASS_DESCRIPTIONS)
-    labels_path = model_path.parent / "labels.json"
-    if labels_path.is_file():
-        try:
-            document = json.loads(labels_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            document = {}  # load_class_names already validated the names; texts are optional
-        if isinstance(document, dict):
-            full_names.update({k: str(v) for k, v in (document.get("full_names") or {}).items()})
-            descriptions.update({k: str(v) for k, v in (document.get("descriptions") or {}).items()})
-    return (
-        {name: full_names.get(name, name) for name in class_names},
-        {name: descriptions.get(name, "") for name in class_names},
-    )
 
 
 _BUNDLES: dict[Path, ModelBundle] = {}
@@ -500,12 +477,7 @@ class RunReport:
 
 def find_evaluation(run_dir: str | os.PathLike) -> Path | None:
     """eval_test/metrics.json if present, else the first other eval_*/metrics.json by name."""
-    run_dir = Path(run_dir)
-    preferred = run_dir / "eval_test" / "metrics.json"
-    if preferred.is_file():
-        return preferred
-    others = sorted(path for path in run_dir.glob("eval_*/metrics.json") if path.is_file())
-    return others[0] if others else None
+    return RunFolder(run_dir).find_evaluation()
 
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
@@ -524,9 +496,9 @@ def load_run_report(run_dir: str | os.PathLike) -> RunReport:
     """Read history.csv, summary.json, config.yaml and the evaluation of one run folder."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
-    report = RunReport(name=run_dir.name, run_dir=run_dir)
-    history_path = run_dir / "history.csv"
+    folder = RunFolder(run_dir)
+    report = RunReport(name=folder.name, run_dir=folder.path)
+    history_path = folder.history
     if history_path.is_file():
         try:
             history = pd.read_csv(history_path)
@@ -539,23 +511,21 @@ def load_run_report(run_dir: str | os.PathLike) -> RunReport:
                 report.history = history
     else:
         report.problems.append(f"{history_path}: not found.")
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        report.summary = _read_json(summary_path, report.problems)
+    if folder.summary.is_file():
+        report.summary = _read_json(folder.summary, report.problems)
     else:
-        report.problems.append(f"{summary_path}: not found (training may still be running).")
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
+        report.problems.append(f"{folder.summary}: not found (training may still be running).")
+    if folder.config.is_file():
         try:
-            report.config_text = config_path.read_text(encoding="utf-8")
+            report.config_text = folder.config.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            report.problems.append(f"{config_path}: unreadable ({error}).")
+            report.problems.append(f"{folder.config}: unreadable ({error}).")
     else:
-        report.problems.append(f"{config_path}: not found.")
-    metrics_path = find_evaluation(run_dir)
+        report.problems.append(f"{folder.config}: not found.")
+    metrics_path = folder.find_evaluation()
     if metrics_path is None:
         report.problems.append(
-            f"{run_dir}: no evaluation yet; run python scripts/evaluate.py --model {run_dir / MODEL_FILE} ..."
+            f"{folder.path}: no evaluation yet; run python scripts/evaluate.py --model {folder.best_model} ..."
         )
     else:
         report.evaluation_name = metrics_path.parent.name

@@ -19,15 +19,12 @@ from keras_ham.labels import CLASS_NAMES, CLASS_TO_INDEX
 from keras_ham.metadata import EVAL_COLUMNS, read_metadata, require_image_paths
 from keras_ham.metrics import bootstrap_intervals, classification_metrics, format_metrics_table
 from keras_ham.predict import Predictor
-
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.csv"
-CONFUSION_PLOT = "confusion_matrix.png"
+from keras_ham.runs import EvaluationFiles, RunFolder
 
 
 def default_output_dir(model_path: str | os.PathLike, csv_path: str | os.PathLike) -> Path:
     """`runs/<name>/eval_<csv stem>/`: evaluations live beside the model they judge."""
-    return Path(model_path).parent / f"eval_{Path(csv_path).stem}"
+    return RunFolder.of_model(model_path).evaluation_dir(csv_path)
 
 
 def predictions_frame(image_ids: Sequence[str], y_true: Sequence[int], probabilities: np.ndarray) -> pd.DataFrame:
@@ -102,10 +99,11 @@ def evaluate(
         groups = lesions.astype(str).to_numpy() if lesions is not None and lesions.notna().all() else None
         metrics["confidence_intervals"] = bootstrap_intervals(y_true, probabilities, groups, resamples=bootstrap)
     metrics.update(model=str(model_path), csv=str(csv_path), tta=tta, image_size=predictor.image_size)
-    write_json_atomic(out / METRICS_FILE, metrics)
-    write_csv_atomic(out / PREDICTIONS_FILE, predictions_frame(frame["image_id"], y_true, probabilities))
-    plot_confusion_matrix(metrics["confusion_matrix"], out / CONFUSION_PLOT,
+    files = EvaluationFiles(out)
+    write_json_atomic(files.metrics, metrics)
+    write_csv_atomic(files.predictions, predictions_frame(frame["image_id"], y_true, probabilities))
+    plot_confusion_matrix(metrics["confusion_matrix"], files.confusion_plot,
                           title=f"{Path(csv_path).name}: balanced accuracy {metrics['balanced_accuracy']:.3f}")
     log(format_metrics_table(metrics))
-    log(f"wrote {out / METRICS_FILE}, {out / PREDICTIONS_FILE}, {out / CONFUSION_PLOT}")
+    log(f"wrote {files.metrics}, {files.predictions}, {files.confusion_plot}")
     return metrics

@@ -19,46 +19,22 @@ from keras_ham import dashboard_logic as logic
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_OVERRIDES = {"weights": None, "image_size": 32, "model": "resnet18"}
 
 
-def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = None, evaluation: bool = True) -> Path:
-    """A run folder like keras_ham.train writes, around a tiny untrained model; returns best.keras."""
-    from keras_ham.config import load_config
-    from keras_ham.model import build_model
+def train_and_evaluate_tiny_run(tiny_demo, root: Path, name: str = "x") -> tuple[Path, dict]:
+    """What `scripts/train.py --evaluate` writes, from the real writers: a tiny 2-epoch training
+    into <root>/runs/<name>/ and its evaluation on the test split (eval_test/). Returns the run
+    folder and the evaluation's metrics."""
+    from conftest import tiny_config
+    from keras_ham.device import DeviceChoice
+    from keras_ham.evaluate import evaluate
+    from keras_ham.train import train
 
-    config = load_config(overrides={**TINY_OVERRIDES, **(overrides or {})})
-    run_dir = runs_dir / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = run_dir / "best.keras"
-    build_model(config).save(model_path)
-    (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    (run_dir / "labels.json").write_text(json.dumps({
-        "class_names": list(CLASS_NAMES), "full_names": CLASS_FULL_NAMES, "descriptions": CLASS_DESCRIPTIONS,
-    }), encoding="utf-8")
-    rows = ["epoch,learning_rate,seconds,loss,accuracy,balanced_accuracy,val_loss,val_accuracy,val_balanced_accuracy"]
-    for epoch in range(1, 4):
-        rows.append(f"{epoch},0.001,1.5,{2.0 / epoch:.3f},{0.3 + 0.1 * epoch:.3f},{0.2 + 0.1 * epoch:.3f},"
-                    f"{2.2 / epoch:.3f},{0.25 + 0.1 * epoch:.3f},{0.15 + 0.1 * epoch:.3f}")
-    (run_dir / "history.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    (run_dir / "summary.json").write_text(json.dumps({
-        "backend": "torch", "device": "cpu", "best_epoch": 3, "best_score": 0.45,
-        "monitor": "val_balanced_accuracy", "versions": {"keras": "3"},
-    }), encoding="utf-8")
-    if evaluation:
-        matrix = np.eye(7, dtype=int) * 5 + 1
-        (run_dir / "eval_test").mkdir(exist_ok=True)
-        (run_dir / "eval_test" / "metrics.json").write_text(json.dumps({
-            "accuracy": 0.5, "balanced_accuracy": 0.42, "macro_f1": 0.4, "weighted_f1": 0.5,
-            "macro_roc_auc_ovr": 0.7, "num_images": int(matrix.sum()), "class_names": list(CLASS_NAMES),
-            "confusion_matrix": matrix.tolist(),
-            "confidence_intervals": {"method": "percentile bootstrap over lesions", "resamples": 1000,
-                                     "level": 0.95, "seed": 0, "accuracy": [0.43, 0.57],
-                                     "balanced_accuracy": [0.35, 0.49], "macro_f1": [0.33, 0.47]},
-            "per_class": {name: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "support": 6, "roc_auc_ovr": 0.7}
-                          for name in CLASS_NAMES},
-        }), encoding="utf-8")
-    return model_path
+    config = tiny_config(tiny_demo, root, run_name=name, max_epochs=2)
+    result = train(config, device=DeviceChoice("cpu", "cpu", "test"), log=lambda message: None, verbose=0)
+    metrics = evaluate(result.run_dir / "best.keras", config.test_csv, image_dirs=config.image_dirs,
+                       bootstrap=100, log=lambda message: None)
+    return result.run_dir, metrics
 
 
 def image_bytes(mode: str = "RGB", size=(60, 45), fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -77,10 +53,14 @@ def image_bytes(mode: str = "RGB", size=(60, 45), fmt: str = "PNG", seed: int = 
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("dash") / "runs"
-    write_tiny_run(runs, "x")
-    return runs
+def trained_run(tiny_demo, tmp_path_factory) -> tuple[Path, dict]:
+    return train_and_evaluate_tiny_run(tiny_demo, tmp_path_factory.mktemp("dash"))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(trained_run) -> Path:
+    """The runs folder holding run "x", as training and evaluation wrote it."""
+    return trained_run[0].parent
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +168,10 @@ def test_card_from_upload_predicts_and_explains(bundle):
     # the same path as Predictor on the file decoded by load_image
     from keras_ham.images import load_image
 
-    expected = bundle.predictor.predict(load_image(image_bytes(size=(600, 450)), 32)[None].astype(np.float32))[0]
+    from keras_ham.predict import Predictor
+
+    predictor = Predictor(bundle.gradcam.model, batch_size=1)
+    expected = predictor.predict(load_image(image_bytes(size=(600, 450)), 32)[None].astype(np.float32))[0]
     np.testing.assert_allclose(card.probabilities, expected, rtol=1e-5, atol=1e-6)
     assert card.predicted_name == CLASS_NAMES[int(np.argmax(expected))]
     # the predicted class's cam at the default layer comes with the card
@@ -332,16 +315,47 @@ def test_session_cards_add_remove_clear():
 # --------------------------------------------------------------------------- run report
 
 
-def test_run_report_reads_history_metrics_config_and_summary(tiny_runs):
-    report = logic.load_run_report(tiny_runs / "x")
+def test_run_report_reads_history_metrics_config_and_summary(trained_run):
+    """The report of what the real train() and evaluate() wrote: the consumer and the producers
+    of the run folder cannot drift apart without this failing."""
+    run, metrics = trained_run
+    report = logic.load_run_report(run)
     assert report.problems == []
-    assert list(report.history["epoch"]) == [1, 2, 3]
-    assert [column for column, _, _ in logic.history_series(report.history, "balanced_accuracy")] == [
-        "balanced_accuracy", "val_balanced_accuracy"]
-    assert report.evaluation_name == "eval_test" and report.metrics["balanced_accuracy"] == 0.42
+    assert list(report.history["epoch"]) == [1, 2]
+    for pair in logic.HISTORY_PAIRS:  # every curve the run tab draws has both lines with both epochs
+        series = logic.history_series(report.history, pair[0])
+        assert [column for column, _, _ in series] == list(pair)
+        assert all(epochs == [1.0, 2.0] for _, epochs, _ in series)
+    assert report.evaluation_name == "eval_test"
+    assert report.metrics["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
     assert "image_size: 32" in report.config_text
-    assert report.summary["device"] == "cpu"
-    np.testing.assert_allclose(logic.row_normalised(report.metrics["confusion_matrix"]).sum(axis=1), 1.0)
+    assert report.summary["device"] == "cpu" and report.summary["best_epoch"] in (1, 2)
+    present = [row for row in report.metrics["confusion_matrix"] if sum(row) > 0]
+    np.testing.assert_allclose(logic.row_normalised(present).sum(axis=1), 1.0)
+    assert report.metrics["class_names"] == list(CLASS_NAMES)
+    assert set(report.metrics["confidence_intervals"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "level"}
+
+
+def test_model_bundle_reads_the_labels_training_wrote(bundle):
+    assert bundle.class_names == CLASS_NAMES
+    assert bundle.full_names == CLASS_FULL_NAMES and bundle.descriptions == CLASS_DESCRIPTIONS
+
+
+def test_a_bad_labels_json_is_refused_naming_the_file(app_module, tiny_runs, tmp_path):
+    import shutil
+
+    from keras_ham.runs import LabelsError
+
+    run = tmp_path / "runs" / "bad"
+    shutil.copytree(tiny_runs / "x", run)
+    (run / "labels.json").write_text('{"class_names": ["a", "b"]}')
+    with pytest.raises(LabelsError, match=r"labels.json: 2 class names, but the model has 7 outputs"):
+        logic.ModelBundle(run / "best.keras")
+    (run / "labels.json").write_text('{"class_names": ' + json.dumps(list(CLASS_NAMES)) + ', "full_names": [1]}')
+    with pytest.raises(LabelsError, match=r"labels.json: \"full_names\" must be an object"):
+        logic.ModelBundle(run / "best.keras")
+    session = app_module.create_app(logic.DashboardOptions(tmp_path / "runs", run / "best.keras"))
+    assert session.bundle is None and "labels.json" in session.empty_note.object  # the page says which file
 
 
 def test_run_report_prefers_eval_test_and_reports_missing_files(tmp_path):
