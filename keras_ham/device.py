@@ -113,7 +113,7 @@ def choose_device(
         if not probes[requested]():
             raise DeviceError(f"device={requested} requested, but torch reports it is not available.")
         return DeviceChoice(requested, requested, "requested")
-    raise DeviceError(f"device={requested!r}: expected one of {', '.join(DEVICE_NAMES)}.")
+    raise DeviceError(f"device={requested!r}: expected {', '.join(DEVICE_NAMES[:-1])} or {DEVICE_NAMES[-1]}.")
 
 
 def configure_device(requested: str = "auto", *, log: Callable[[str], None] | None = print) -> DeviceChoice:
