@@ -34,6 +34,7 @@ import keras  # noqa: E402
 import param  # noqa: E402
 
 from keras_ham import dashboard_logic as logic  # noqa: E402
+from keras_ham import runs as run_layout  # noqa: E402
 from keras_ham.errors import KerasHamError  # noqa: E402
 from keras_ham.internals import drop_panel_fast_theme_fonts  # noqa: E402
 from keras_ham.server_log import quiet_client_disconnects  # noqa: E402
@@ -529,7 +530,7 @@ class DashboardSession:
                 (path for path in choices.values() if Path(path).resolve() == start_resolved), None)
         else:
             self.model_problem = (
-                f"No trained model found: no `{logic.MODEL_FILE}` under `{options.runs_dir}`."
+                f"No trained model found: no `{run_layout.BEST_MODEL}` under `{options.runs_dir}`."
             )
         self.model_select.param.watch(self._on_model, "value")
         self.threshold.param.watch(self._on_threshold, "value")
@@ -680,7 +681,7 @@ class DashboardSession:
         if self.start_model is not None:
             start_dir = Path(self.start_model).parent
             known = {Path(path).resolve() for path in runs.values()}
-            if start_dir.resolve() not in known and any((start_dir / f).is_file() for f in logic.RUN_FILES):
+            if start_dir.resolve() not in known and any((start_dir / f).is_file() for f in run_layout.RUN_FILES):
                 runs = {f"start model's run: {start_dir.name}": str(start_dir), **runs}
         return runs
 
@@ -688,7 +689,7 @@ class DashboardSession:
         runs = self._run_dirs()
         if not runs:
             return pn.Column(pn.pane.Alert(
-                f"### No runs yet\nNo run folder with `{logic.MODEL_FILE}` under `{self.options.runs_dir}`. "
+                f"### No runs yet\nNo run folder with `{run_layout.BEST_MODEL}` under `{self.options.runs_dir}`. "
                 f"Train the demo model:\n\n```bash\n{logic.DEMO_TRAIN_COMMAND}\n```", alert_type="warning",
                 sizing_mode="stretch_width"), sizing_mode="stretch_width")
         current = str(self.bundle.path.parent) if self.bundle is not None else None

@@ -37,7 +37,7 @@ from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, overlay
 from keras_ham.images import IMAGE_EXTENSIONS, ImageError, load_image
 from keras_ham.model import load_classifier, model_image_size
 from keras_ham.predict import top_classes
-from keras_ham.runs import BEST_MODEL, RUN_FILES, RunFolder, read_labels  # noqa: F401 - RUN_FILES: the app
+from keras_ham.runs import BEST_MODEL, RunFolder, read_labels
 
 #: Largest upload accepted, in bytes (FilePond's "20MB" is 20,000,000 bytes too).
 MAX_UPLOAD_BYTES = 20_000_000
