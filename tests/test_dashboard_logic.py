@@ -21,6 +21,21 @@ from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = None) -> Path:
+    """A run folder holding only a tiny untrained model (resnet18, 32 px unless overridden), for
+    tests that need a servable model rather than a run report; returns its best.keras.
+    (Run reports are tested on what the real training writes: `train_and_evaluate_tiny_run`.)"""
+    from keras_ham.config import load_config
+    from keras_ham.model import build_model
+    from keras_ham.runs import RunFolder
+
+    config = load_config(overrides={"weights": None, "image_size": 32, "model": "resnet18", **(overrides or {})})
+    folder = RunFolder(runs_dir / name)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    build_model(config).save(folder.best_model)
+    return folder.best_model
+
+
 def train_and_evaluate_tiny_run(tiny_demo, root: Path, name: str = "x") -> tuple[Path, dict]:
     """What `scripts/train.py --evaluate` writes, from the real writers: a tiny 2-epoch training
     into <root>/runs/<name>/ and its evaluation on the test split (eval_test/). Returns the run
