@@ -233,3 +233,13 @@ def test_efficientnetb0_trains_on_the_demo_and_loads_in_safe_mode_on_tensorflow(
     np.testing.assert_allclose(expected.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities_on_tensorflow(result.run_dir / "best.keras", x, tmp_path), expected,
                                atol=1e-4)
+
+
+def test_predictor_on_efficientnetb0_equals_keras(efficientnet):
+    """Evaluation and `predict` run models through Predictor: its torch graph (or its Keras
+    fallback for layers without a torch form) must give the model's own probabilities."""
+    from keras_ham.predict import Predictor
+
+    x = images(3, size=64, seed=8)
+    expected = keras.ops.convert_to_numpy(efficientnet(x, training=False))
+    np.testing.assert_allclose(Predictor(efficientnet, batch_size=2).predict(x), expected, atol=1e-5)
