@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Benchmark keras-ham: Keras on torch against plain PyTorch (and TensorFlow) on this machine.
 
-Measures training throughput (model.fit vs a plain torch loop over the same model), inference
-(the project's Predictor vs plain torch), the data loader, Grad-CAM and peak memory, each
-backend in its own process. Prints a table and writes JSON (see README "Performance").
+Measures training throughput (keras-ham's model in Keras fit against torchvision's ResNet in a
+plain PyTorch loop, NCHW and channels_last, and a plain torch loop over the same Keras model),
+inference (the project's Predictor against torchvision, plain torch, ONNX Runtime on the
+exported file, torch.compile and Keras predict), the data loader, Grad-CAM and peak training
+memory (each contender alone in its own process). Prints a table and writes JSON (see README
+"Performance").
 
 Examples:
   python scripts/bench.py                                   # ResNet50, 128 px, batch 32
@@ -15,9 +18,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from keras_ham.bench import (  # keras_ham.bench does not import Keras
+# benchmarks/ is not an installed package: the repository root goes on the path (the one
+# script that keeps this; keras_ham itself comes from the installed package or PYTHONPATH).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import (  # noqa: E402  (the harness does not import Keras)
     BACKENDS,
+    ENGINES,
     EXTRA_SECTIONS,
     SECTIONS,
     format_table,
@@ -48,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "../shared/data/ham10000-224 when present, else generated JPEGs")
     parser.add_argument("--generated-data", action="store_true", help="use generated 600x450 JPEGs even if real data exists")
     parser.add_argument("--threads", type=int, help="torch / TensorFlow intra-op threads (default: library default)")
+    parser.add_argument("--engines", help=f"inference engines compared with the Predictor: comma-separated "
+                                          f"{', '.join(ENGINES)}, or none (default: all; quick: onnxruntime)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), auto, cuda, mps, directml")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and steps: checks the benchmark runs")
     parser.add_argument("--out", default="bench/out/results.json", help="JSON output (default bench/out/results.json)")
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         generated_data=args.generated_data,
         threads=args.threads,
         device=args.device,
+        engines=None if args.engines is None else () if args.engines == "none" else parse_list(args.engines, ENGINES, "--engines"),
     )
     results = run_benchmarks(options, args.out, log=lambda message: print(message, flush=True),
                              argv=sys.argv if argv is None else ["scripts/bench.py", *argv])
