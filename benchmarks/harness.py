@@ -1228,8 +1228,8 @@ def _breakdown_task(params: dict) -> dict:
     """Where Keras-on-torch time goes (diagnosis only: patches Keras inside this worker)."""
     import keras
     import torch
-    from keras.src.backend.torch import nn as keras_torch_nn
 
+    from keras_ham.internals import keras_torch_conv_inputs_as_views
     from keras_ham.model import build_model
     from keras_ham.torch_graph import TorchInferenceGraph, model_device
 
@@ -1237,20 +1237,11 @@ def _breakdown_task(params: dict) -> dict:
     model = build_model(_bench_config(options))
     _randomize_batchnorm(model)
     batch = torch.from_numpy(_images(params, options["batch_size"])).to(model_device(model))
-    original = keras_torch_nn._transpose_spatial_inputs
-
-    def without_copy(inputs):  # the permuted NHWC view is already channels_last: no copy needed
-        if inputs.ndim == 4:
-            return torch.permute(inputs, (0, 3, 1, 2))
-        return original(inputs)
 
     def patched(function):
         def run(x):
-            keras_torch_nn._transpose_spatial_inputs = without_copy
-            try:
+            with keras_torch_conv_inputs_as_views():
                 return function(x)
-            finally:
-                keras_torch_nn._transpose_spatial_inputs = original
         return run
 
     unfolded, folded = TorchInferenceGraph(model, fold_batchnorm=False), TorchInferenceGraph(model)
