@@ -19,6 +19,7 @@ accuracy-type metric) is unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -173,3 +174,207 @@ def fit_temperature(logits, y_true, bounds: tuple[float, float] = TEMPERATURE_BO
                              bounds=(1.0 / high, 1.0 / low), method="bounded",
                              options={"xatol": 1e-7, "maxiter": 500})
     return float(1.0 / result.x)
+
+
+# --------------------------------------------------------------------------- abstention
+
+#: Coverages reported as numbers (the whole set, then the most confident 90, 80 and 50 %).
+REPORTED_COVERAGES = (1.0, 0.9, 0.8, 0.5)
+#: Confidence thresholds at which the share and quality of confident cases are stored.
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def _kept_scores(y_true: np.ndarray, predicted: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and balanced accuracy (over the classes present) of the first k cases, k = 1..N."""
+    onehot = np.eye(num_classes)[y_true]
+    true_counts = np.cumsum(onehot, axis=0)
+    hit_counts = np.cumsum(onehot * (predicted == y_true)[:, None], axis=0)
+    kept = np.arange(1, len(y_true) + 1)
+    accuracy = hit_counts.sum(axis=1) / kept
+    present = true_counts > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, hit_counts / np.maximum(true_counts, 1), 0.0)
+    balanced = recall.sum(axis=1) / present.sum(axis=1)
+    return accuracy, balanced
+
+
+def risk_coverage(y_true, probabilities, coverages: Sequence[float] = REPORTED_COVERAGES,
+                  thresholds: Sequence[float] = THRESHOLDS) -> dict:
+    """What setting aside the least confident cases buys.
+
+    Cases are ordered by top-class confidence, most confident first (ties keep the input
+    order, so the result is deterministic). For each coverage c the most confident
+    round(c * N) cases (at least one) are kept and scored: accuracy and balanced accuracy
+    (mean recall over the classes present among them). `aurc` is the area under the
+    risk (1 - accuracy) - coverage curve (Geifman & El-Yaniv), averaged over k = 1..N kept
+    cases; `area_balanced_accuracy` the same average of balanced accuracy. Per threshold t:
+    the share of cases with confidence >= t ("confident", as the dashboard marks them; the
+    comparison is at 1e-6) and their accuracy and balanced accuracy (None when none is kept).
+    """
+    y_true, probabilities = _checked(y_true, probabilities)
+    if len(y_true) == 0:
+        raise ValueError("risk-coverage needs at least one case.")
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities[np.arange(len(y_true)), predicted]
+    order = np.argsort(-confidence, kind="stable")
+    accuracy, balanced = _kept_scores(y_true[order], predicted[order], probabilities.shape[1])
+    n = len(y_true)
+    at = []
+    for coverage in coverages:
+        k = max(1, int(round(coverage * n)))
+        at.append({"coverage": float(coverage), "kept": k, "min_confidence": float(confidence[order][k - 1]),
+                   "accuracy": float(accuracy[k - 1]), "balanced_accuracy": float(balanced[k - 1])})
+    rounded = np.round(confidence, 6)
+    by_threshold = []
+    for threshold in thresholds:
+        kept = rounded >= round(float(threshold), 6)
+        count = int(kept.sum())
+        if count:
+            scored_accuracy, scored_balanced = _kept_scores(y_true[kept], predicted[kept], probabilities.shape[1])
+            accuracy_t, balanced_t = float(scored_accuracy[-1]), float(scored_balanced[-1])
+        else:
+            accuracy_t = balanced_t = None
+        by_threshold.append({"threshold": float(threshold), "kept": count, "coverage": count / n,
+                             "accuracy": accuracy_t, "balanced_accuracy": balanced_t})
+    # The curve at up to 101 evenly spaced coverages, for the plot and the dashboard.
+    points = np.unique(np.clip(np.round(np.linspace(0, 1, 101) * n).astype(int), 1, n))
+    return {
+        "num_images": n,
+        "at_coverage": at,
+        "aurc": float(np.mean(1.0 - accuracy)),
+        "area_balanced_accuracy": float(np.mean(balanced)),
+        "thresholds": by_threshold,
+        "curve": {"coverage": (points / n).tolist(), "accuracy": accuracy[points - 1].tolist(),
+                  "balanced_accuracy": balanced[points - 1].tolist()},
+    }
+
+
+def format_risk_coverage(result: dict) -> str:
+    shown = "  ".join(f"{row['coverage']:.0%}: acc {row['accuracy']:.3f} bal {row['balanced_accuracy']:.3f}"
+                      for row in result["at_coverage"])
+    return (f"risk-coverage (most confident kept): {shown}  AURC {result['aurc']:.4f}  "
+            f"area under balanced accuracy {result['area_balanced_accuracy']:.4f}")
+
+
+def threshold_sentence(result: dict, threshold: float, split: str = "test") -> str | None:
+    """"at 0.60, 78 % of test images are shown as confident and their balanced accuracy is
+    0.71" from stored per-threshold numbers; None when `threshold` was not stored."""
+    row = next((r for r in result.get("thresholds", []) if abs(r["threshold"] - float(threshold)) < 1e-6), None)
+    if row is None:
+        return None
+    share = f"{100 * row['coverage']:.0f}\u00a0% of {split} images ({row['kept']} of {result['num_images']})"
+    if row["kept"] == 0:
+        return f"at {float(threshold):.2f}, none of the {result['num_images']} {split} images is shown as confident."
+    return (f"at {float(threshold):.2f}, {share} are shown as confident and their balanced accuracy is "
+            f"{row['balanced_accuracy']:.2f} (accuracy {row['accuracy']:.2f}).")
+
+
+# --------------------------------------------------------------------------- fitting a saved model
+
+#: Summary keys compared before and after temperature scaling.
+_FIT_REPORTED = ("ece", "nll", "brier", "classwise_ece")
+
+
+def model_logits(model, batches, *, batch_size: int = 32) -> np.ndarray:
+    """(N, num_classes) pre-softmax class scores (`logits` layer) for a PyDataset-like iterable.
+
+    Runs through the Predictor, so the fast torch path is used when it matches the model."""
+    import keras
+
+    from keras_ham.model import LOGITS_LAYER, ModelError
+    from keras_ham.predict import Predictor
+
+    try:
+        logits = model.get_layer(LOGITS_LAYER).output
+    except ValueError:
+        raise ModelError(f"{model.name}: not a keras-ham classifier (no {LOGITS_LAYER!r} layer).") from None
+    logits_model = keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+    return Predictor(logits_model, batch_size=batch_size).predict_dataset(batches).astype(np.float64)
+
+
+def calibrate_classifier(model, batches, y_true, *, batch_size: int = 32, source: str | None = None):
+    """Fit one temperature on (batches, y_true), normally the validation split.
+
+    Returns (the model with the temperature built in, a JSON-ready report with T and the
+    ECE / NLL / Brier of softmax(logits) before and of softmax(logits / T) after on that set).
+    Any temperature already in `model` is ignored: the fit starts from its logits.
+    """
+    from keras_ham.model import with_temperature
+
+    y_true = np.asarray(y_true, dtype=int)
+    logits = model_logits(model, batches, batch_size=batch_size)
+    temperature = fit_temperature(logits, y_true)
+    before = calibration_values(y_true, softmax(logits))
+    after = calibration_values(y_true, softmax(logits, temperature))
+    low, high = TEMPERATURE_BOUNDS
+    report = {
+        "temperature": temperature,
+        "fitted_on": source,
+        "num_images": int(len(y_true)),
+        "objective": "negative log-likelihood (bounded Brent search over 1/T)",
+        "bounds": [low, high],
+        "at_bound": bool(np.isclose(temperature, low, rtol=1e-3) or np.isclose(temperature, high, rtol=1e-3)),
+        "before": {name: float(before[name][0]) for name in _FIT_REPORTED},
+        "after": {name: float(after[name][0]) for name in _FIT_REPORTED},
+    }
+    return with_temperature(model, temperature), report
+
+
+def save_model_atomic(model, path) -> None:
+    """Save a .keras file so a reader never sees a half-written one."""
+    from keras_ham.device import keras_without_tensorflow
+    from keras_ham.io_utils import atomic_path
+
+    with atomic_path(path) as tmp, keras_without_tensorflow():
+        model.save(tmp)
+
+
+def calibrate_run(run_dir, config, val_data, log=print) -> dict:
+    """After training: fit T on the validation split, rewrite `best.keras` with it built in
+    (atomically) and return the report for summary.json."""
+    from keras_ham.model import load_classifier
+    from keras_ham.train import BEST_MODEL
+
+    path = Path(run_dir) / BEST_MODEL
+    calibrated, report = calibrate_classifier(load_classifier(path), val_data, val_data.labels,
+                                              batch_size=config.batch_size, source=str(config.val_csv))
+    save_model_atomic(calibrated, path)
+    log(f"temperature scaling on {report['num_images']} validation images: T = {report['temperature']:.4f}; "
+        f"ECE {report['before']['ece']:.4f} -> {report['after']['ece']:.4f}, "
+        f"NLL {report['before']['nll']:.4f} -> {report['after']['nll']:.4f}; rewrote {path}")
+    return report
+
+
+def calibrate_file(model_path, csv_path, *, image_dirs=(), out_path=None, batch_size: int = 32,
+                   log=print) -> tuple[Path, dict]:
+    """`scripts/calibrate.py`: fit T on a labelled CSV and write the calibrated model to a NEW
+    file (default `<model stem>_calibrated.keras` beside it); an existing file is never
+    overwritten, so the original model always survives."""
+    from keras_ham.dataset import HamDataset
+    from keras_ham.errors import KerasHamError
+    from keras_ham.labels import CLASS_TO_INDEX
+    from keras_ham.metadata import EVAL_COLUMNS, read_metadata, require_image_paths
+    from keras_ham.model import load_classifier, model_image_size
+
+    model_path = Path(model_path)
+    out_path = Path(out_path) if out_path is not None else model_path.with_name(f"{model_path.stem}_calibrated.keras")
+    if out_path.suffix != ".keras":
+        raise KerasHamError(f"--out {out_path}: expected a file name ending in .keras.")
+    if out_path.exists() or out_path.resolve() == model_path.resolve():
+        raise KerasHamError(f"--out {out_path}: the file exists; calibration writes a new file and never "
+                            "overwrites one. Choose another name or remove it.")
+    if not out_path.parent.is_dir():
+        raise KerasHamError(f"--out {out_path}: folder {out_path.parent} does not exist.")
+    model = load_classifier(model_path)
+    frame = read_metadata(csv_path, required=EVAL_COLUMNS)
+    paths = require_image_paths(frame, csv_path, image_dirs)
+    labels = frame["dx"].map(CLASS_TO_INDEX).to_numpy()
+    data = HamDataset(paths, None, image_size=model_image_size(model), batch_size=batch_size)
+    calibrated, report = calibrate_classifier(model, data, labels, batch_size=batch_size, source=str(csv_path))
+    report["model"] = str(model_path)
+    save_model_atomic(calibrated, out_path)
+    log(f"T = {report['temperature']:.4f} fitted on {report['num_images']} images of {csv_path}"
+        f"{' (at the search bound)' if report['at_bound'] else ''}; on them ECE "
+        f"{report['before']['ece']:.4f} -> {report['after']['ece']:.4f}, NLL {report['before']['nll']:.4f} -> "
+        f"{report['after']['nll']:.4f}; wrote {out_path}")
+    return out_path, report

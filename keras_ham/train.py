@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from keras_ham import __version__, distributed
+from keras_ham.calibration import calibrate_run
 from keras_ham.config import Config
 from keras_ham.dataset import class_weights, dataset_from_split_csv
 from keras_ham.device import DeviceChoice, keras_without_tensorflow, make_optimizer, set_random_seed
@@ -73,7 +74,7 @@ def labels_document() -> dict:
 
 def _comparable(config: Config) -> dict:
     """Config fields that must match to resume (loader and device settings may change)."""
-    ignored = {"workers", "use_multiprocessing", "max_queue_size", "device", "run_name", "out_dir"}
+    ignored = {"workers", "use_multiprocessing", "max_queue_size", "device", "run_name", "out_dir", "calibrate"}
     return {key: value for key, value in config.to_dict().items() if key not in ignored}
 
 
@@ -471,7 +472,9 @@ def train(
         "resumed": resuming,
         "versions": package_versions(),
     }
-    if context.is_main:
+    if context.is_main:  # the whole validation split (val_data is this rank's shard under torchrun)
+        full_val = val_data if context.world_size == 1 else dataset_from_split_csv(config.val_csv, config, training=False)
+        summary["calibration"] = calibrate_run(run_dir, config, full_val, log) if config.calibrate else None
         write_json_atomic(run_dir / SUMMARY, summary)
         shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
     distributed.close()

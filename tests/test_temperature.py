@@ -1,0 +1,102 @@
+"""Temperature scaling of a saved model: built in, portable, argmax kept, never overwriting."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import probabilities_on_tensorflow, tiny_config
+from keras_ham.calibration import calibrate_file, softmax
+from keras_ham.errors import KerasHamError
+from keras_ham.model import (
+    LOGITS_LAYER,
+    TEMPERATURE_LAYER,
+    load_classifier,
+    model_temperature,
+    with_temperature,
+)
+from keras_ham.predict import Predictor
+from keras_ham.train import train
+
+
+@pytest.fixture(scope="module")
+def uncalibrated_run(tiny_demo, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uncalibrated")
+    config = tiny_config(tiny_demo, tmp, max_epochs=1, calibrate=False)
+    result = train(config, log=lambda m: None, verbose=0)
+    return result, config
+
+
+def _logits(model, images):
+    import keras
+
+    sub = keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
+    return np.asarray(keras.ops.convert_to_numpy(sub(images, training=False)), dtype=np.float64)
+
+
+def test_calibrate_file_writes_a_new_portable_model_with_the_same_argmax(uncalibrated_run, tmp_path):
+    result, config = uncalibrated_run
+    assert result.summary["calibration"] is None  # calibrate: false
+    original = result.run_dir / "best.keras"
+    original_bytes = original.read_bytes()
+    messages = []
+    out, report = calibrate_file(original, config.val_csv, image_dirs=config.image_dirs,
+                                 out_path=tmp_path / "calibrated.keras", log=messages.append)
+    assert original.read_bytes() == original_bytes  # the original is untouched
+    assert report["after"]["nll"] <= report["before"]["nll"] + 1e-9  # the fit minimises validation NLL
+    assert "T = " in messages[0]
+
+    before, after = load_classifier(original), load_classifier(out)
+    assert model_temperature(before) is None
+    assert model_temperature(after) == pytest.approx(report["temperature"], rel=1e-6)
+    images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast torch path must accept the Rescaling layer
+        predictor = Predictor(after)
+    assert predictor.fast_path
+    calibrated = predictor.predict(images)
+    logits = _logits(before, images)
+    np.testing.assert_allclose(calibrated, softmax(logits, report["temperature"]), atol=1e-5)
+    np.testing.assert_array_equal(calibrated.argmax(1), Predictor(before).predict(images).argmax(1))
+    on_tensorflow = probabilities_on_tensorflow(out, images, tmp_path)
+    np.testing.assert_allclose(on_tensorflow, calibrated, atol=1e-4)
+    np.testing.assert_array_equal(on_tensorflow.argmax(1), logits.argmax(1))
+
+    # Refits replace the temperature (no stacking) and never overwrite a file.
+    with pytest.raises(KerasHamError, match="exists"):
+        calibrate_file(out, config.val_csv, image_dirs=config.image_dirs, out_path=out)
+    again, report2 = calibrate_file(out, config.val_csv, image_dirs=config.image_dirs,
+                                    out_path=tmp_path / "again.keras", log=lambda m: None)
+    assert report2["temperature"] == pytest.approx(report["temperature"], rel=1e-6)
+    names = [layer.name for layer in load_classifier(again).layers]
+    assert names.count(TEMPERATURE_LAYER) == 1
+
+
+def test_with_temperature_rejects_bad_values(uncalibrated_run):
+    model = load_classifier(uncalibrated_run[0].run_dir / "best.keras")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(KerasHamError, match="temperature"):
+            with_temperature(model, bad)
+
+
+def test_training_calibrates_best_keras_and_records_it(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path, max_epochs=1)
+    result = train(config, log=lambda m: None, verbose=0)
+    stored = json.loads((result.run_dir / "summary.json").read_text())["calibration"]
+    assert stored["fitted_on"] == config.val_csv and stored["num_images"] > 0
+    assert set(stored["before"]) == set(stored["after"]) >= {"ece", "nll"}
+    assert stored["after"]["nll"] <= stored["before"]["nll"] + 1e-9
+    model = load_classifier(result.run_dir / "best.keras")
+    assert model_temperature(model) == pytest.approx(stored["temperature"], rel=1e-6)
+
+
+def test_calibrate_script_refuses_to_overwrite(uncalibrated_run, repo_root, tmp_path):
+    result, config = uncalibrated_run
+    out = subprocess.run([sys.executable, str(repo_root / "scripts" / "calibrate.py"), "--model",
+                          str(result.run_dir / "best.keras"), "--csv", config.val_csv,
+                          "--out", str(result.run_dir / "best.keras")], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "never overwrites" in out.stderr and "Traceback" not in out.stderr
