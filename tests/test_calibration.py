@@ -10,7 +10,9 @@ from keras_ham.calibration import (
     fit_temperature,
     format_calibration,
     reliability_bins,
+    risk_coverage,
     softmax,
+    threshold_sentence,
 )
 from keras_ham.metrics import bootstrap_weights
 
@@ -122,3 +124,41 @@ def test_fit_is_bounded():
     assert fit_temperature(separable, y_true) == pytest.approx(0.05, rel=1e-3)  # wants T -> 0
     with pytest.raises(ValueError, match="no images"):
         fit_temperature(np.zeros((0, 2)), np.zeros(0, dtype=int))
+
+
+def hand_made_case():
+    """Five cases, most confident first: right, wrong, right, wrong, right (classes 0 0 1 1 2)."""
+    y_true = np.array([0, 0, 1, 1, 2])
+    predicted = np.array([0, 1, 1, 0, 2])
+    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.4])
+    probabilities = np.tile(((1 - confidence) / 2)[:, None], (1, 3))
+    probabilities[np.arange(5), predicted] = confidence
+    order = [3, 0, 4, 2, 1]  # shuffled: the result must not depend on the input order
+    return y_true[order], probabilities[order]
+
+
+def test_risk_coverage_on_a_hand_made_example():
+    y_true, probabilities = hand_made_case()
+    result = risk_coverage(y_true, probabilities, coverages=(1.0, 0.8, 0.6, 0.2))
+    # kept k = 5, 4, 3, 1: accuracy 3/5, 2/4, 2/3, 1; balanced accuracy (classes present)
+    # mean(1/2, 1/2, 1) = 2/3, mean(1/2, 1/2) = 1/2, mean(1/2, 1) = 3/4, 1.
+    assert [row["kept"] for row in result["at_coverage"]] == [5, 4, 3, 1]
+    assert [row["accuracy"] for row in result["at_coverage"]] == pytest.approx([3 / 5, 1 / 2, 2 / 3, 1])
+    assert [row["balanced_accuracy"] for row in result["at_coverage"]] == pytest.approx([2 / 3, 1 / 2, 3 / 4, 1])
+    assert [row["min_confidence"] for row in result["at_coverage"]] == pytest.approx([0.4, 0.6, 0.7, 0.9])
+    # risk 1 - accuracy at k = 1..5: 0, 1/2, 1/3, 1/2, 2/5
+    assert result["aurc"] == pytest.approx(np.mean([0, 1 / 2, 1 / 3, 1 / 2, 2 / 5]))
+    assert result["area_balanced_accuracy"] == pytest.approx(np.mean([1, 1 / 2, 3 / 4, 1 / 2, 2 / 3]))
+    rows = {row["threshold"]: row for row in result["thresholds"]}
+    assert set(rows) == {round(0.05 * i, 2) for i in range(21)}
+    assert rows[0.6]["kept"] == 4 and rows[0.6]["coverage"] == pytest.approx(0.8)
+    assert rows[0.6]["balanced_accuracy"] == pytest.approx(0.5)
+    assert rows[0.65]["kept"] == 3 and rows[0.65]["balanced_accuracy"] == pytest.approx(0.75)
+    assert rows[0.4]["kept"] == 5 and rows[0.0]["kept"] == 5  # confidence 0.4 counts as confident at 0.40
+    assert rows[0.95]["kept"] == 0 and rows[0.95]["balanced_accuracy"] is None
+    assert threshold_sentence(result, 0.6) == ("at 0.60, 80\u00a0% of test images (4 of 5) are shown as confident "
+                                               "and their balanced accuracy is 0.50 (accuracy 0.50).")
+    assert "none of the 5 test images" in threshold_sentence(result, 0.95)
+    assert threshold_sentence(result, 0.61) is None  # not stored: no made-up number
+    assert result["curve"]["coverage"][-1] == 1.0
+    assert result["curve"]["balanced_accuracy"][-1] == pytest.approx(2 / 3)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
+from keras_ham.calibration import calibration_values
 from keras_ham.evaluate import evaluate
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.metadata import MetadataError
@@ -53,6 +54,23 @@ def test_evaluate_writes_sklearn_metrics_predictions_and_plot(tiny_run, tmp_path
         low, high = intervals[name]
         assert 0.0 <= low <= high <= 1.0
     assert any("95% intervals" in m for m in messages)
+    calibration = stored["calibration"]  # recomputed here from predictions.csv (rounded to 1e-6)
+    probabilities = predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy()
+    y_true = test["dx"].map({c: i for i, c in enumerate(CLASS_NAMES)}).to_numpy()
+    expected = calibration_values(y_true, probabilities)
+    for name in ("ece", "classwise_ece", "brier", "nll"):
+        assert calibration[name] == pytest.approx(float(expected[name][0]), abs=1e-4)
+        low, high = calibration["confidence_intervals"][name]
+        assert low <= high
+    assert calibration["temperature"] == pytest.approx(json.loads((run / "summary.json").read_text())
+                                                       ["calibration"]["temperature"])
+    coverage = stored["risk_coverage"]
+    assert coverage["at_coverage"][0]["balanced_accuracy"] == pytest.approx(stored["balanced_accuracy"])
+    assert len(coverage["thresholds"]) == 21
+    for plot_name in ("reliability_diagram.png", "risk_coverage.png"):
+        with Image.open(tmp_path / "eval" / plot_name) as plot:
+            assert plot.size[0] > 300
+    assert any("ECE" in m for m in messages) and any("risk-coverage" in m for m in messages)
     without = evaluate(run / "best.keras", config.test_csv, image_dirs=config.image_dirs,
                        out_dir=tmp_path / "eval0", bootstrap=0, log=lambda m: None)
     assert "confidence_intervals" not in without
