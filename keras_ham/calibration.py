@@ -353,7 +353,7 @@ def calibrate_file(model_path, csv_path, *, image_dirs=(), out_path=None, batch_
     from keras_ham.dataset import HamDataset
     from keras_ham.errors import KerasHamError
     from keras_ham.labels import CLASS_TO_INDEX
-    from keras_ham.metadata import EVAL_COLUMNS, read_metadata, require_image_paths
+    from keras_ham.metadata import read_labelled_csv, require_image_paths
     from keras_ham.model import load_classifier, model_image_size
 
     model_path = Path(model_path)
@@ -366,7 +366,7 @@ def calibrate_file(model_path, csv_path, *, image_dirs=(), out_path=None, batch_
     if not out_path.parent.is_dir():
         raise KerasHamError(f"--out {out_path}: folder {out_path.parent} does not exist.")
     model = load_classifier(model_path)
-    frame = read_metadata(csv_path, required=EVAL_COLUMNS)
+    frame = read_labelled_csv(csv_path)
     paths = require_image_paths(frame, csv_path, image_dirs)
     labels = frame["dx"].map(CLASS_TO_INDEX).to_numpy()
     data = HamDataset(paths, None, image_size=model_image_size(model), batch_size=batch_size)

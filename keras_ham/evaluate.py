@@ -1,6 +1,7 @@
 """Evaluate a saved classifier on a labelled CSV: metrics.json, predictions.csv, plots.
 
-The CSV needs only `image_id` and `dx`; images are found as in the split step. The
+The CSV needs only `image_id` and `dx`, or is an ISIC 2018 Task 3 ground-truth CSV (`image`
+plus one-hot class columns); images are found as in the split step. The
 accuracy-type metrics come from scikit-learn (`keras_ham.metrics.classification_metrics`);
 calibration (ECE, MCE, Brier, NLL) and the risk-coverage curve of abstaining on the least
 confident cases from `keras_ham.calibration`.
@@ -18,7 +19,7 @@ import pandas as pd
 from keras_ham.dataset import HamDataset
 from keras_ham.io_utils import atomic_path, ensure_output_dir, write_csv_atomic, write_json_atomic
 from keras_ham.labels import CLASS_NAMES, CLASS_TO_INDEX
-from keras_ham.metadata import EVAL_COLUMNS, read_metadata, require_image_paths
+from keras_ham.metadata import read_labelled_csv, require_image_paths
 from keras_ham.calibration import calibration_metrics, format_calibration, format_risk_coverage, risk_coverage
 from keras_ham.metrics import bootstrap_intervals, classification_metrics, format_metrics_table
 from keras_ham.model import model_temperature
@@ -153,7 +154,7 @@ def evaluate(
 
     `bootstrap` resamples (0: none) give 95 % intervals of the headline metrics, resampling
     whole lesions when the CSV has a complete `lesion_id` column (split CSVs do)."""
-    frame = read_metadata(csv_path, required=EVAL_COLUMNS)
+    frame = read_labelled_csv(csv_path)
     paths = require_image_paths(frame, csv_path, image_dirs)
     predictor = Predictor.from_file(model_path, batch_size=batch_size, tta=tta)
     y_true = frame["dx"].map(CLASS_TO_INDEX).to_numpy()

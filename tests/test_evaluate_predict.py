@@ -138,3 +138,18 @@ def test_predict_and_evaluate_scripts(tiny_run, tiny_demo, repo_root, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "balanced accuracy" in out.stdout and (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_evaluate_reads_isic2018_ground_truth(tiny_run, tmp_path):
+    run, config = tiny_run
+    test = pd.read_csv(config.test_csv)
+    truth = pd.DataFrame({"image": test["image_id"]})
+    for name in ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"):
+        truth[name] = (test["dx"] == name.lower()).astype(float)
+    truth.to_csv(tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv", index=False)
+    isic = evaluate(run / "best.keras", tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv",
+                    image_dirs=config.image_dirs, out_dir=tmp_path / "isic", bootstrap=0, log=lambda m: None)
+    split = evaluate(run / "best.keras", config.test_csv, image_dirs=config.image_dirs,
+                     out_dir=tmp_path / "split", bootstrap=0, log=lambda m: None)
+    assert isic["confusion_matrix"] == split["confusion_matrix"]
+    assert isic["calibration"]["nll"] == pytest.approx(split["calibration"]["nll"])
