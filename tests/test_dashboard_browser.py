@@ -24,7 +24,8 @@ from PIL import Image
 
 from conftest import REAL_DATA_DIR
 from keras_ham.labels import CLASS_NAMES
-from test_dashboard_logic import write_tiny_run
+from keras_ham.calibration import threshold_sentence
+from test_dashboard_logic import tiny_risk_coverage, write_tiny_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -165,6 +166,16 @@ def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browse
         elapsed = time.perf_counter() - started
         shown = predicted_class.inner_text().strip()
         assert shown in CLASS_NAMES, shown
+        # The probabilities shown (one decimal each) add up to 100 % within rounding.
+        shown_percent = [float(text.replace("\u00a0", " ").rstrip("% ").strip())
+                         for text in card.locator(".kh-bars tr td:nth-child(3)").all_inner_texts()]
+        assert len(shown_percent) == len(CLASS_NAMES)
+        assert abs(sum(shown_percent) - 100.0) <= 0.05 * len(CLASS_NAMES) + 1e-9, shown_percent
+        assert "not calibrated" in card.locator(".kh-calibration").inner_text()
+        # The threshold sentence is the stored evaluation's numbers at the default 0.50.
+        expected = threshold_sentence(tiny_risk_coverage(), 0.5, "test")
+        sentence = page.locator(".kh-threshold-sentence").inner_text().replace("\u00a0", " ")
+        assert sentence == (expected[0].upper() + expected[1:]).replace("\u00a0", " "), sentence
         print(f"\nupload -> prediction + Grad-CAM shown: {elapsed:.2f} s (server had the file after {received:.2f} s; "
               f"{image.name}, model {os.environ.get('KERAS_HAM_BROWSER_MODEL') or 'tiny resnet18 64 px'})")
 

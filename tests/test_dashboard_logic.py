@@ -22,6 +22,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = {"weights": None, "image_size": 32, "model": "resnet18"}
 
 
+def tiny_risk_coverage() -> dict:
+    """Risk-coverage numbers as the evaluation stores them, for 56 made-up test images."""
+    from keras_ham.calibration import risk_coverage
+
+    rng = np.random.default_rng(5)
+    y_true = np.repeat(np.arange(7), 8)
+    logits = rng.normal(size=(56, 7)) + 2.0 * np.eye(7)[y_true]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return risk_coverage(y_true, probabilities)
+
+
 def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = None, evaluation: bool = True) -> Path:
     """A run folder like keras_ham.train writes, around a tiny untrained model; returns best.keras."""
     from keras_ham.config import load_config
@@ -57,6 +68,8 @@ def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = 
                                      "balanced_accuracy": [0.35, 0.49], "macro_f1": [0.33, 0.47]},
             "per_class": {name: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "support": 6, "roc_auc_ovr": 0.7}
                           for name in CLASS_NAMES},
+            "risk_coverage": tiny_risk_coverage(),
+            "calibration": {"temperature": None},
         }), encoding="utf-8")
     return model_path
 
@@ -387,6 +400,9 @@ def test_app_layout_with_model_and_two_independent_sessions(app_module, tiny_run
     assert "uncertain" in view.prediction.object and "Top 3" in view.prediction.object
     first.threshold.value = 0.0
     assert "uncertain" not in view.prediction.object
+    assert "At 0.00, 100\u00a0% of test images" in first.threshold_text.object
+    assert logic.DEMO_NOTICE not in view.prediction.object  # a split-trained model: no demo notice
+    assert "not calibrated" in view.prediction.object
     before = view.gradcam.object
     view.opacity.value = 0.9
     assert view.gradcam.object != before
@@ -500,3 +516,39 @@ def test_upload_widget_reassembles_chunks_and_refuses_oversized_files(app_module
     assert [card.filename for card in errors] == ["huge.jpg", "sneaky.jpg"]
     assert "25.0 MB" in errors[0].message and "upload limit" in errors[1].message
     assert len(session.grid.objects) == 3 and upload._parts == {}
+
+
+def test_training_data_says_demo_or_split(tmp_path):
+    demo = write_tiny_run(tmp_path / "runs", "demo", overrides={"demo_data": "data/demo",
+                                                                "train_csv": "data/demo/processed/train.csv"})
+    real = write_tiny_run(tmp_path / "runs", "real")
+    demo_data = logic.training_data(demo.parent)
+    assert demo_data.is_demo and "synthetic demo images" in demo_data.text
+    real_data = logic.training_data(real.parent)
+    assert real_data.kind == "split" and "data/processed/train.csv" in real_data.text
+    (real.parent / "config.yaml").unlink()
+    assert logic.training_data(real.parent).kind == "unknown"
+
+
+def test_threshold_text_comes_from_the_stored_evaluation(tmp_path):
+    from keras_ham.calibration import threshold_sentence
+
+    model = write_tiny_run(tmp_path / "runs", "x")
+    stored = json.loads((model.parent / "eval_test" / "metrics.json").read_text())["risk_coverage"]
+    text = logic.threshold_text(model, 0.6)
+    expected = threshold_sentence(stored, 0.6, "test")
+    assert text == expected[0].upper() + expected[1:]
+    assert "of test images" in text and "balanced accuracy is" in text
+    assert "different temperature" in logic.threshold_text(model, 0.6, temperature=1.5)
+    assert "no numbers for a threshold of 0.61" in logic.threshold_text(model, 0.61)
+    bare = write_tiny_run(tmp_path / "runs", "bare", evaluation=False)
+    assert "No stored evaluation" in logic.threshold_text(bare, 0.5)
+
+
+def test_app_marks_every_prediction_of_a_demo_model(app_module, tmp_path):
+    demo = write_tiny_run(tmp_path / "runs", "demo", overrides={"demo_data": "data/demo"})
+    session = app_module.create_app(logic.DashboardOptions(tmp_path / "runs", demo))
+    assert "kh-demo" in session.model_info.object and "synthetic demo images" in session.model_info.object
+    session.add_upload("real_lesion.png", image_bytes(seed=3))
+    view = next(iter(session.card_views.values()))
+    assert logic.DEMO_NOTICE in view.prediction.object
