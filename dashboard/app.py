@@ -247,6 +247,11 @@ def prediction_html(card: logic.ImageCard, threshold: float) -> str:
         )
     parts.append(f'<table class="kh-bars">{"".join(rows)}</table>')
     parts.append(f'<div class="kh-note kh-calibration">{html.escape(calibration_note(bundle))}</div>')
+    if card.unfamiliar:
+        parts.append(f'<div class="kh-alt kh-ood">Unlike the images this model was validated on: energy score '
+                     f'{card.ood_score:.2f} is above {bundle.ood["threshold"]:.2f}, which '
+                     f'{100 * bundle.ood["false_alarm_rate"]:.0f}\u00a0% of validation images exceed. '
+                     "Do not trust this prediction.</div>")
     for note in card.notes:
         parts.append(f'<div class="kh-note">{html.escape(note)}</div>')
     return "".join(parts)
@@ -591,6 +596,11 @@ class DashboardSession:
             data_html = (f'<div class="kh-demo kh-provenance">{html.escape(data.text)} Its predictions mean nothing '
                          "for real lesions.</div>" if data.is_demo else
                          f'<div class="kh-note kh-provenance">Training data: {html.escape(data.text)}</div>')
+            ood = self.bundle.ood
+            ood_html = (f'<div class="kh-note">Out-of-distribution flag: energy score above {ood["threshold"]:.2f} '
+                        f'(raised on {100 * ood["false_alarm_rate"]:.0f}\u00a0% of validation images).</div>'
+                        if ood else '<div class="kh-note">No out-of-distribution threshold stored with this run.</div>')
+            data_html += ood_html
             model = (f"<b>{html.escape(self.bundle.path.parent.name)}</b> · {self.bundle.image_size} px input"
                      f'<div class="kh-note" style="word-break: break-all">{html.escape(str(self.bundle.path))}</div>'
                      f"{data_html}"

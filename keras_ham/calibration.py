@@ -292,17 +292,20 @@ def model_logits(model, batches, *, batch_size: int = 32) -> np.ndarray:
     return Predictor(logits_model, batch_size=batch_size).predict_dataset(batches).astype(np.float64)
 
 
-def calibrate_classifier(model, batches, y_true, *, batch_size: int = 32, source: str | None = None):
+def calibrate_classifier(model, batches, y_true, *, batch_size: int = 32, source: str | None = None,
+                         logits: np.ndarray | None = None):
     """Fit one temperature on (batches, y_true), normally the validation split.
 
     Returns (the model with the temperature built in, a JSON-ready report with T and the
     ECE / NLL / Brier of softmax(logits) before and of softmax(logits / T) after on that set).
-    Any temperature already in `model` is ignored: the fit starts from its logits.
+    Any temperature already in `model` is ignored: the fit starts from its logits (`logits`:
+    already computed for `batches`).
     """
     from keras_ham.model import with_temperature
 
     y_true = np.asarray(y_true, dtype=int)
-    logits = model_logits(model, batches, batch_size=batch_size)
+    if logits is None:
+        logits = model_logits(model, batches, batch_size=batch_size)
     temperature = fit_temperature(logits, y_true)
     before = calibration_values(y_true, softmax(logits))
     after = calibration_values(y_true, softmax(logits, temperature))
@@ -329,20 +332,28 @@ def save_model_atomic(model, path) -> None:
         model.save(tmp)
 
 
-def calibrate_run(run_dir, config, val_data, log=print) -> dict:
-    """After training: fit T on the validation split, rewrite `best.keras` with it built in
-    (atomically) and return the report for summary.json."""
+def fit_on_validation(run_dir, config, val_data, log=print) -> dict:
+    """After training, on the validation split: the out-of-distribution threshold, and (when
+    `config.calibrate`) T, with `best.keras` rewritten atomically with T built in. Returns
+    {"calibration": report or None, "ood": threshold record} for summary.json."""
     from keras_ham.model import load_classifier
     from keras_ham.train import BEST_MODEL
 
     path = Path(run_dir) / BEST_MODEL
-    calibrated, report = calibrate_classifier(load_classifier(path), val_data, val_data.labels,
-                                              batch_size=config.batch_size, source=str(config.val_csv))
+    model = load_classifier(path)
+    logits = model_logits(model, val_data, batch_size=config.batch_size)
+    ood = fit_ood_threshold(logits, source=str(config.val_csv))
+    log(f"out-of-distribution flag: energy above {ood['threshold']:.4f} (flags "
+        f"{ood['false_alarm_rate']:.0%} of validation images)")
+    if not config.calibrate:
+        return {"calibration": None, "ood": ood}
+    calibrated, report = calibrate_classifier(model, val_data, val_data.labels, batch_size=config.batch_size,
+                                              source=str(config.val_csv), logits=logits)
     save_model_atomic(calibrated, path)
     log(f"temperature scaling on {report['num_images']} validation images: T = {report['temperature']:.4f}; "
         f"ECE {report['before']['ece']:.4f} -> {report['after']['ece']:.4f}, "
         f"NLL {report['before']['nll']:.4f} -> {report['after']['nll']:.4f}; rewrote {path}")
-    return report
+    return {"calibration": report, "ood": ood}
 
 
 def calibrate_file(model_path, csv_path, *, image_dirs=(), out_path=None, batch_size: int = 32,
@@ -378,3 +389,50 @@ def calibrate_file(model_path, csv_path, *, image_dirs=(), out_path=None, batch_
         f"{report['before']['ece']:.4f} -> {report['after']['ece']:.4f}, NLL {report['before']['nll']:.4f} -> "
         f"{report['after']['nll']:.4f}; wrote {out_path}")
     return out_path, report
+
+
+# --------------------------------------------------------------------------- out of distribution
+
+#: Share of validation (in-distribution) images the out-of-distribution flag may raise.
+OOD_FALSE_ALARM_RATE = 0.05
+
+
+def energy_score(logits) -> np.ndarray:
+    """-logsumexp(logits) of the raw (temperature 1) logits (Liu et al. 2020): higher means
+    less like the training data. A temperature does not change it (it is built in after
+    the `logits` layer), so the threshold survives calibration."""
+    z = np.asarray(logits, dtype=np.float64)
+    peak = z.max(axis=1)
+    return -(peak + np.log(np.exp(z - peak[:, None]).sum(axis=1)))
+
+
+def fit_ood_threshold(logits, *, false_alarm_rate: float = OOD_FALSE_ALARM_RATE, source: str | None = None) -> dict:
+    """The energy above which an image is flagged, set so that `false_alarm_rate` of the given
+    (validation) images are: the smallest stored value that flags at most that share."""
+    scores = energy_score(logits)
+    if len(scores) == 0:
+        raise ValueError("cannot set an out-of-distribution threshold on no images.")
+    threshold = float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"))
+    return {"score": "energy", "definition": "-logsumexp(logits), raw logits", "threshold": threshold,
+            "false_alarm_rate": false_alarm_rate, "flagged_on_fit": float(np.mean(scores > threshold)),
+            "fitted_on": source, "num_images": int(len(scores))}
+
+
+def ood_flags(logits, ood: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(energy scores, flagged) for the images of `logits` under a stored threshold record."""
+    scores = energy_score(logits)
+    return scores, scores > float(ood["threshold"])
+
+
+def stored_ood_threshold(run_dir: str | Path) -> dict | None:
+    """summary.json's "ood" record (energy threshold set on the validation split), or None."""
+    import json
+
+    from keras_ham.train import SUMMARY
+
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ood = summary.get("ood") if isinstance(summary, dict) else None
+    return ood if isinstance(ood, dict) and isinstance(ood.get("threshold"), (int, float)) else None

@@ -36,7 +36,7 @@ from keras_ham.errors import KerasHamError
 from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, load_class_names, overlay
 from keras_ham.images import ImageError, load_image
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES
-from keras_ham.calibration import threshold_sentence
+from keras_ham.calibration import ood_flags, stored_ood_threshold, threshold_sentence
 from keras_ham.model import load_classifier, model_temperature
 from keras_ham.predict import Predictor, top_classes
 
@@ -192,6 +192,8 @@ class ModelBundle:
         #: T built into the model by temperature scaling; None: raw softmax probabilities.
         self.temperature = model_temperature(model)
         self.training_data = training_data(self.path.parent)
+        #: The run's out-of-distribution threshold record (summary.json "ood"), or None.
+        self.ood = stored_ood_threshold(self.path.parent)
         self.lock = threading.Lock()
         # One pass on a blank image while loading, so the first user's upload does not also
         # pay torch's one-off start-up cost (about a second for a ResNet50 on a CPU).
@@ -202,6 +204,14 @@ class ModelBundle:
         with self.lock:
             return self.predictor.predict(model_input[None].astype(np.float32))[0]
 
+    def ood_score(self, logits: np.ndarray | None) -> tuple[float | None, bool]:
+        """(energy score, above the run's validation threshold?) for one image's logits;
+        (None, False) when the run stores no threshold or there are no logits."""
+        if self.ood is None or logits is None:
+            return None, False
+        scores, flagged = ood_flags(np.asarray(logits)[None], self.ood)
+        return float(scores[0]), bool(flagged[0])
+
     def predict_and_explain(self, model_input: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(S, S, 3) uint8 -> probabilities (num_classes,) and the predicted class's Grad-CAM (S, S).
 
@@ -209,9 +219,15 @@ class ModelBundle:
         so its probabilities equal `predict`'s (asserted in the tests) at half the cost of
         calling both, which matters for a ResNet50 on a CPU.
         """
+        probabilities, heatmap, _logits = self.predict_explain_logits(model_input)
+        return probabilities, heatmap
+
+    def predict_explain_logits(self, model_input: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`predict_and_explain` plus the image's logits (num_classes,) from the same pass."""
         with self.lock:
             result = self.gradcam.cam(model_input[None])
-        return result.probabilities[0], result.heatmaps[0]
+        logits = None if result.logits is None else result.logits[0]
+        return result.probabilities[0], result.heatmaps[0], logits
 
     @property
     def default_layer(self) -> str:
@@ -381,6 +397,9 @@ class ImageCard:
     bundle: ModelBundle
     heatmaps: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: Energy score of the image and whether it is above the run's validation threshold.
+    ood_score: float | None = None
+    unfamiliar: bool = False
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -505,7 +524,8 @@ def analyze_upload(
         raw = check_upload(filename, data, max_bytes)
         image = load_image(raw, name=filename)
         model_input = model_input_from(image, bundle.image_size)
-        probabilities, heatmap = bundle.predict_and_explain(model_input)
+        probabilities, heatmap, logits = bundle.predict_explain_logits(model_input)
+        ood_score, unfamiliar = bundle.ood_score(logits)
         card = ImageCard(
             card_id=card_id,
             filename=filename,
@@ -514,6 +534,8 @@ def analyze_upload(
             probabilities=probabilities,
             bundle=bundle,
             notes=_mode_note(raw),
+            ood_score=ood_score,
+            unfamiliar=unfamiliar,
         )
         card.heatmaps[card.heatmap_key()] = heatmap  # the predicted class's Grad-CAM comes with every card
         return card

@@ -20,7 +20,15 @@ from keras_ham.dataset import HamDataset
 from keras_ham.io_utils import atomic_path, ensure_output_dir, write_csv_atomic, write_json_atomic
 from keras_ham.labels import CLASS_NAMES, CLASS_TO_INDEX
 from keras_ham.metadata import read_labelled_csv, require_image_paths
-from keras_ham.calibration import calibration_metrics, format_calibration, format_risk_coverage, risk_coverage
+from keras_ham.calibration import (
+    calibration_metrics,
+    format_calibration,
+    format_risk_coverage,
+    model_logits,
+    ood_flags,
+    risk_coverage,
+    stored_ood_threshold,
+)
 from keras_ham.metrics import bootstrap_intervals, classification_metrics, format_metrics_table
 from keras_ham.model import model_temperature
 from keras_ham.predict import Predictor
@@ -171,6 +179,12 @@ def evaluate(
     metrics["calibration"] = calibration_metrics(y_true, probabilities, groups, resamples=bootstrap)
     metrics["calibration"]["temperature"] = model_temperature(predictor.model)  # None: not calibrated
     metrics["risk_coverage"] = risk_coverage(y_true, probabilities)
+    ood = stored_ood_threshold(Path(model_path).parent)
+    if ood is not None:  # one more pass, for the logits: the model outputs probabilities
+        scores, flagged = ood_flags(model_logits(predictor.model, data, batch_size=batch_size), ood)
+        metrics["ood"] = {**{key: ood[key] for key in ("score", "threshold", "false_alarm_rate")},
+                          "flagged": int(flagged.sum()), "flagged_share": float(flagged.mean()),
+                          "score_median": float(np.median(scores))}
     metrics.update(model=str(model_path), csv=str(csv_path), tta=tta, image_size=predictor.image_size)
     write_json_atomic(out / METRICS_FILE, metrics)
     write_csv_atomic(out / PREDICTIONS_FILE, predictions_frame(frame["image_id"], y_true, probabilities))
@@ -182,6 +196,10 @@ def evaluate(
     log(format_metrics_table(metrics))
     log(format_calibration(metrics["calibration"]))
     log(format_risk_coverage(metrics["risk_coverage"]))
+    if "ood" in metrics:
+        log(f"out-of-distribution flag (energy > {metrics['ood']['threshold']:.3f}, set to flag "
+            f"{metrics['ood']['false_alarm_rate']:.0%} of validation images): {metrics['ood']['flagged']} of "
+            f"{len(frame)} images ({metrics['ood']['flagged_share']:.1%})")
     log(f"wrote {out / METRICS_FILE}, {out / PREDICTIONS_FILE}, {out / CONFUSION_PLOT}, {out / RELIABILITY_PLOT}, "
         f"{out / RISK_COVERAGE_PLOT}")
     return metrics

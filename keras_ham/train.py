@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from keras_ham import __version__, distributed
-from keras_ham.calibration import calibrate_run
+from keras_ham.calibration import fit_on_validation
 from keras_ham.config import Config
 from keras_ham.dataset import class_weights, dataset_from_split_csv
 from keras_ham.device import DeviceChoice, keras_without_tensorflow, make_optimizer, set_random_seed
@@ -474,7 +474,7 @@ def train(
     }
     if context.is_main:  # the whole validation split (val_data is this rank's shard under torchrun)
         full_val = val_data if context.world_size == 1 else dataset_from_split_csv(config.val_csv, config, training=False)
-        summary["calibration"] = calibrate_run(run_dir, config, full_val, log) if config.calibrate else None
+        summary.update(fit_on_validation(run_dir, config, full_val, log))  # temperature and OOD threshold
         write_json_atomic(run_dir / SUMMARY, summary)
         shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
     distributed.close()

@@ -162,3 +162,17 @@ def test_risk_coverage_on_a_hand_made_example():
     assert threshold_sentence(result, 0.61) is None  # not stored: no made-up number
     assert result["curve"]["coverage"][-1] == 1.0
     assert result["curve"]["balanced_accuracy"][-1] == pytest.approx(2 / 3)
+
+
+def test_energy_score_and_ood_threshold_flag_the_stated_share():
+    from scipy.special import logsumexp
+
+    from keras_ham.calibration import energy_score, fit_ood_threshold, ood_flags
+
+    logits = np.random.default_rng(0).normal(scale=3.0, size=(400, 7))
+    np.testing.assert_allclose(energy_score(logits), -logsumexp(logits, axis=1), rtol=1e-12)
+    ood = fit_ood_threshold(logits, source="val.csv")
+    _, flagged = ood_flags(logits, ood)
+    assert flagged.mean() == ood["flagged_on_fit"] and 0.045 <= flagged.mean() <= 0.05
+    shifted = logits - 10.0  # every logit lower: higher energy, all flagged
+    assert ood_flags(shifted, ood)[1].all()

@@ -71,6 +71,8 @@ def test_evaluate_writes_sklearn_metrics_predictions_and_plot(tiny_run, tmp_path
         with Image.open(tmp_path / "eval" / plot_name) as plot:
             assert plot.size[0] > 300
     assert any("ECE" in m for m in messages) and any("risk-coverage" in m for m in messages)
+    ood = stored["ood"]  # the run stores an energy threshold set on its validation split
+    assert 0 <= ood["flagged"] <= len(test) and ood["flagged_share"] == pytest.approx(ood["flagged"] / len(test))
     without = evaluate(run / "best.keras", config.test_csv, image_dirs=config.image_dirs,
                        out_dir=tmp_path / "eval0", bootstrap=0, log=lambda m: None)
     assert "confidence_intervals" not in without

@@ -91,6 +91,9 @@ def test_training_calibrates_best_keras_and_records_it(tiny_demo, tmp_path):
     assert stored["after"]["nll"] <= stored["before"]["nll"] + 1e-9
     model = load_classifier(result.run_dir / "best.keras")
     assert model_temperature(model) == pytest.approx(stored["temperature"], rel=1e-6)
+    ood = json.loads((result.run_dir / "summary.json").read_text())["ood"]
+    assert ood["score"] == "energy" and ood["false_alarm_rate"] == 0.05
+    assert ood["flagged_on_fit"] <= 0.05 and ood["num_images"] == stored["num_images"]
 
 
 def test_calibrate_script_refuses_to_overwrite(uncalibrated_run, repo_root, tmp_path):
