@@ -549,6 +549,13 @@ def test_app_marks_every_prediction_of_a_demo_model(app_module, tmp_path):
     demo = write_tiny_run(tmp_path / "runs", "demo", overrides={"demo_data": "data/demo"})
     session = app_module.create_app(logic.DashboardOptions(tmp_path / "runs", demo))
     assert "kh-demo" in session.model_info.object and "synthetic demo images" in session.model_info.object
+    assert session.bundle.ood is None and "No out-of-distribution threshold" in session.model_info.object
     session.add_upload("real_lesion.png", image_bytes(seed=3))
     view = next(iter(session.card_views.values()))
     assert logic.DEMO_NOTICE in view.prediction.object
+    assert view.card.ood_score is None and not view.card.unfamiliar  # no threshold stored: no flag
+    # With a stored threshold an image scoring above it is flagged on its card.
+    session.bundle.ood = {"score": "energy", "threshold": -1e9, "false_alarm_rate": 0.05}
+    flagged = session.add_upload("odd.png", image_bytes(seed=3))
+    assert flagged.unfamiliar and np.isfinite(flagged.ood_score)
+    assert "Do not trust this prediction" in session.card_views[flagged.card_id].prediction.object
