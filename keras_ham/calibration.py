@@ -353,6 +353,10 @@ def fit_on_validation(run_dir, config, val_data, log=print) -> dict:
     log(f"temperature scaling on {report['num_images']} validation images: T = {report['temperature']:.4f}; "
         f"ECE {report['before']['ece']:.4f} -> {report['after']['ece']:.4f}, "
         f"NLL {report['before']['nll']:.4f} -> {report['after']['nll']:.4f}; rewrote {path}")
+    if report["at_bound"]:
+        log("warning: T is at the end of its search interval: the validation split is (nearly) perfectly "
+            "separated, so the fit sharpens as far as allowed and test images it gets wrong become very "
+            "confident; check the test NLL, or train with calibrate: false.")
     return {"calibration": report, "ood": ood}
 
 
