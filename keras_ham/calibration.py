@@ -428,14 +428,13 @@ def ood_flags(logits, ood: dict) -> tuple[np.ndarray, np.ndarray]:
     return scores, scores > float(ood["threshold"])
 
 
-def stored_ood_threshold(run_dir: str | Path) -> dict | None:
-    """summary.json's "ood" record (energy threshold set on the validation split), or None."""
+def stored_ood_threshold(summary_path: str | Path) -> dict | None:
+    """The "ood" record (energy threshold set on the validation split) of a run's summary.json,
+    or None when the file, or the record, is missing or unreadable."""
     import json
 
-    from keras_ham.train import SUMMARY
-
     try:
-        summary = json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))
+        summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     ood = summary.get("ood") if isinstance(summary, dict) else None

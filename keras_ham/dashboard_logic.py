@@ -193,7 +193,7 @@ class ModelBundle:
         self.temperature = model_temperature(model)
         self.training_data = training_data(self.path.parent)
         #: The run's out-of-distribution threshold record (summary.json "ood"), or None.
-        self.ood = stored_ood_threshold(self.path.parent)
+        self.ood = stored_ood_threshold(self.path.parent / "summary.json")  # no training code imported here
         self.lock = threading.Lock()
         # One pass on a blank image while loading, so the first user's upload does not also
         # pay torch's one-off start-up cost (about a second for a ResNet50 on a CPU).

@@ -31,6 +31,7 @@ from keras_ham.calibration import (
 )
 from keras_ham.metrics import bootstrap_intervals, classification_metrics, format_metrics_table
 from keras_ham.model import model_temperature
+from keras_ham.train import SUMMARY
 from keras_ham.predict import Predictor
 
 METRICS_FILE = "metrics.json"
@@ -179,7 +180,7 @@ def evaluate(
     metrics["calibration"] = calibration_metrics(y_true, probabilities, groups, resamples=bootstrap)
     metrics["calibration"]["temperature"] = model_temperature(predictor.model)  # None: not calibrated
     metrics["risk_coverage"] = risk_coverage(y_true, probabilities)
-    ood = stored_ood_threshold(Path(model_path).parent)
+    ood = stored_ood_threshold(Path(model_path).parent / SUMMARY)
     if ood is not None:  # one more pass, for the logits: the model outputs probabilities
         scores, flagged = ood_flags(model_logits(predictor.model, data, batch_size=batch_size), ood)
         metrics["ood"] = {**{key: ood[key] for key in ("score", "threshold", "false_alarm_rate")},
