@@ -20,9 +20,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import panel as pn  # noqa: E402
+import panel as pn
 
 from keras_ham.device import configure_device  # noqa: E402
 
@@ -36,7 +34,9 @@ import keras  # noqa: E402
 import param  # noqa: E402
 
 from keras_ham import dashboard_logic as logic  # noqa: E402
+from keras_ham import runs as run_layout  # noqa: E402
 from keras_ham.errors import KerasHamError  # noqa: E402
+from keras_ham.internals import drop_panel_fast_theme_fonts  # noqa: E402
 from keras_ham.server_log import quiet_client_disconnects  # noqa: E402
 
 LOG = logging.getLogger("keras_ham.dashboard")
@@ -547,7 +547,7 @@ class DashboardSession:
                 (path for path in choices.values() if Path(path).resolve() == start_resolved), None)
         else:
             self.model_problem = (
-                f"No trained model found: no `{logic.MODEL_FILE}` under `{options.runs_dir}`."
+                f"No trained model found: no `{run_layout.BEST_MODEL}` under `{options.runs_dir}`."
             )
         self.model_select.param.watch(self._on_model, "value")
         self.threshold.param.watch(self._on_threshold, "value")
@@ -718,7 +718,7 @@ class DashboardSession:
         if self.start_model is not None:
             start_dir = Path(self.start_model).parent
             known = {Path(path).resolve() for path in runs.values()}
-            if start_dir.resolve() not in known and any((start_dir / f).is_file() for f in logic.RUN_FILES):
+            if start_dir.resolve() not in known and any((start_dir / f).is_file() for f in run_layout.RUN_FILES):
                 runs = {f"start model's run: {start_dir.name}": str(start_dir), **runs}
         return runs
 
@@ -726,7 +726,7 @@ class DashboardSession:
         runs = self._run_dirs()
         if not runs:
             return pn.Column(pn.pane.Alert(
-                f"### No runs yet\nNo run folder with `{logic.MODEL_FILE}` under `{self.options.runs_dir}`. "
+                f"### No runs yet\nNo run folder with `{run_layout.BEST_MODEL}` under `{self.options.runs_dir}`. "
                 f"Train the demo model:\n\n```bash\n{logic.DEMO_TRAIN_COMMAND}\n```", alert_type="warning",
                 sizing_mode="stretch_width"), sizing_mode="stretch_width")
         current = str(self.bundle.path.parent) if self.bundle is not None else None
@@ -788,7 +788,7 @@ def create_app(options: logic.DashboardOptions | None = None) -> DashboardSessio
 # Panel's Fast design links a Google Fonts stylesheet. Without it the page contacts no third
 # party (a clinician's browser should not report each visit to a font server) and does not
 # block rendering on a network that drops outside traffic; text uses the system sans-serif.
-pn.theme.Fast._resources = {kind: value for kind, value in pn.theme.Fast._resources.items() if kind != "font"}
+drop_panel_fast_theme_fonts()
 pn.extension(notifications=False)
 
 if __name__.startswith("bokeh"):  # `panel serve` runs this file once per session

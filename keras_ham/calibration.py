@@ -337,9 +337,9 @@ def fit_on_validation(run_dir, config, val_data, log=print) -> dict:
     `config.calibrate`) T, with `best.keras` rewritten atomically with T built in. Returns
     {"calibration": report or None, "ood": threshold record} for summary.json."""
     from keras_ham.model import load_classifier
-    from keras_ham.train import BEST_MODEL
+    from keras_ham.runs import RunFolder
 
-    path = Path(run_dir) / BEST_MODEL
+    path = RunFolder(run_dir).best_model
     model = load_classifier(path)
     logits = model_logits(model, val_data, batch_size=config.batch_size)
     ood = fit_ood_threshold(logits, source=str(config.val_csv))

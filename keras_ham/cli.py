@@ -7,11 +7,12 @@ import functools
 import sys
 from typing import Callable
 
+from keras_ham.device import DEVICE_NAMES
 from keras_ham.errors import KerasHamError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps", "directml")
+DEVICE_CHOICES = DEVICE_NAMES
 
 
 def add_device_argument(parser: argparse.ArgumentParser, default: str | None = "auto", help: str | None = None) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from keras_ham.backbones import MODEL_NAMES
+from keras_ham.device import DEVICE_NAMES
 from keras_ham.errors import KerasHamError
 
 
@@ -96,10 +98,10 @@ class Config:
         return load_config_dict({**self.to_dict(), **changes})
 
 
-MODELS = ("resnet50", "resnet18")
+MODELS = MODEL_NAMES
 LR_SCHEDULES = ("cosine", "plateau", "constant")
 MONITORS = ("val_balanced_accuracy", "val_accuracy", "val_loss")
-DEVICES = ("auto", "cpu", "cuda", "mps", "directml")
+DEVICES = DEVICE_NAMES
 
 FIELD_HELP = {
     "seed": "random seed for splitting, shuffling, augmentation and weights",

@@ -33,21 +33,21 @@ import numpy as np
 from PIL import Image
 
 from keras_ham.errors import KerasHamError
-from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, load_class_names, overlay
-from keras_ham.images import ImageError, load_image
-from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES
 from keras_ham.calibration import ood_flags, stored_ood_threshold, threshold_sentence
-from keras_ham.model import load_classifier, model_temperature
-from keras_ham.predict import Predictor, top_classes
+from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, overlay
+from keras_ham.images import IMAGE_EXTENSIONS, ImageError, load_image
+from keras_ham.model import load_classifier, model_image_size, model_temperature
+from keras_ham.predict import top_classes
+from keras_ham.runs import BEST_MODEL, EVALUATION_PREFIX, RunFolder, read_labels
 
 #: Largest upload accepted, in bytes (FilePond's "20MB" is 20,000,000 bytes too).
 MAX_UPLOAD_BYTES = 20_000_000
 #: File types offered in the upload dialog; any other content is rejected when decoded.
-ACCEPTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+ACCEPTED_EXTENSIONS = IMAGE_EXTENSIONS
 #: Longest side of the images shown on a card (the model sees its own input size).
 DISPLAY_SIZE = 320
 #: The model file a training run writes.
-MODEL_FILE = "best.keras"
+MODEL_FILE = BEST_MODEL
 #: How to get a model when there is none.
 DEMO_TRAIN_COMMAND = "python scripts/train.py --config configs/demo.yaml"
 DEFAULT_THRESHOLD = 0.5
@@ -57,7 +57,6 @@ DEFAULT_OPACITY = 0.4
 MIN_DISPLAY_CAM_CELLS = 7
 TOP_K = 3
 
-RUN_FILES = ("history.csv", "config.yaml", "summary.json", "labels.json")
 HISTORY_PAIRS = (("loss", "val_loss"), ("accuracy", "val_accuracy"), ("balanced_accuracy", "val_balanced_accuracy"))
 
 
@@ -112,7 +111,7 @@ def discover_runs(runs_dir: str | os.PathLike) -> list[RunInfo]:
         return []
     runs = []
     for run_dir in runs_dir.iterdir():
-        model_path = run_dir / MODEL_FILE
+        model_path = RunFolder(run_dir).best_model
         if run_dir.is_dir() and model_path.is_file():
             runs.append(RunInfo(run_dir.name, run_dir, model_path, model_path.stat().st_mtime))
     return sorted(runs, key=lambda run: (-run.modified, run.name))
@@ -172,7 +171,7 @@ def display_layer(choices: Sequence[tuple[str, tuple]]) -> str | None:
 
 
 class ModelBundle:
-    """A loaded classifier with its Predictor, Grad-CAM and class texts; one per path.
+    """A loaded classifier with its Grad-CAM and class texts; one per path.
 
     Sessions share it, so every call into the model holds `lock` (Panel may run callbacks
     on several threads, and a CPU is not faster for running two forward passes at once).
@@ -181,28 +180,25 @@ class ModelBundle:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         model = load_classifier(self.path)
-        self.predictor = Predictor(model, batch_size=1)
         #: [(layer name, (h, w))], deepest first: the layers a card may explain at.
         self.layer_choices = layer_choices(model)
         self.gradcam = GradCAM(model, layer_name=display_layer(self.layer_choices))  # cards open at this layer
         self._gradcams = {self.gradcam.layer_name: self.gradcam}
-        self.image_size = self.predictor.image_size
-        self.class_names = load_class_names(self.path, self.gradcam.num_classes)
-        self.full_names, self.descriptions = _class_texts(self.path, self.class_names)
+        self.image_size = model_image_size(model)
+        # A bad labels.json raises LabelsError naming the file: the page shows it instead of the model.
+        folder = RunFolder.of_model(self.path)
+        labels = read_labels(folder.labels, self.gradcam.num_classes)
+        self.class_names = labels.class_names
+        self.full_names, self.descriptions = labels.full_names, labels.descriptions
         #: T built into the model by temperature scaling; None: raw softmax probabilities.
         self.temperature = model_temperature(model)
-        self.training_data = training_data(self.path.parent)
+        self.training_data = training_data(folder.path)
         #: The run's out-of-distribution threshold record (summary.json "ood"), or None.
-        self.ood = stored_ood_threshold(self.path.parent / "summary.json")  # no training code imported here
+        self.ood = stored_ood_threshold(folder.summary)  # no training code imported here
         self.lock = threading.Lock()
         # One pass on a blank image while loading, so the first user's upload does not also
         # pay torch's one-off start-up cost (about a second for a ResNet50 on a CPU).
         self.gradcam.cam(np.zeros((1, self.image_size, self.image_size, 3), dtype=np.float32))
-
-    def predict(self, model_input: np.ndarray) -> np.ndarray:
-        """(S, S, 3) uint8 -> (num_classes,) float32 probabilities (the Predictor path)."""
-        with self.lock:
-            return self.predictor.predict(model_input[None].astype(np.float32))[0]
 
     def ood_score(self, logits: np.ndarray | None) -> tuple[float | None, bool]:
         """(energy score, above the run's validation threshold?) for one image's logits;
@@ -216,8 +212,8 @@ class ModelBundle:
         """(S, S, 3) uint8 -> probabilities (num_classes,) and the predicted class's Grad-CAM (S, S).
 
         One forward pass gives both: Grad-CAM runs the same model graph with training=False,
-        so its probabilities equal `predict`'s (asserted in the tests) at half the cost of
-        calling both, which matters for a ResNet50 on a CPU.
+        so its probabilities equal a `keras_ham.predict.Predictor`'s (asserted in the tests)
+        at half the cost of running both, which matters for a ResNet50 on a CPU.
         """
         probabilities, heatmap, _logits = self.predict_explain_logits(model_input)
         return probabilities, heatmap
@@ -246,24 +242,6 @@ class ModelBundle:
             return self._gradcams[layer].cam(model_input[None], class_index=int(class_index)).heatmaps[0]
 
 
-def _class_texts(model_path: Path, class_names: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Full names and one-line descriptions: labels.json beside the model, else labels.py."""
-    full_names, descriptions = dict(CLASS_FULL_NAMES), dict(CLASS_DESCRIPTIONS)
-    labels_path = model_path.parent / "labels.json"
-    if labels_path.is_file():
-        try:
-            document = json.loads(labels_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            document = {}  # load_class_names already validated the names; texts are optional
-        if isinstance(document, dict):
-            full_names.update({k: str(v) for k, v in (document.get("full_names") or {}).items()})
-            descriptions.update({k: str(v) for k, v in (document.get("descriptions") or {}).items()})
-    return (
-        {name: full_names.get(name, name) for name in class_names},
-        {name: descriptions.get(name, "") for name in class_names},
-    )
-
-
 @dataclass(frozen=True)
 class TrainingData:
     """Where a model's training images came from, as its run folder says.
@@ -287,16 +265,16 @@ def training_data(run_dir: str | os.PathLike) -> TrainingData:
     """Read the run's config.yaml (and summary.json for counts): synthetic demo data or a split."""
     import yaml
 
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load(folder.config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         config = None
     if not isinstance(config, dict):
-        return TrainingData("unknown", f"training data unknown: no readable config.yaml in {run_dir}.")
+        return TrainingData("unknown", f"training data unknown: no readable {folder.config.name} in {folder.path}.")
     summary = {}
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads(folder.summary.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         pass
     count = summary.get("train_images") if isinstance(summary, dict) else None
@@ -312,14 +290,14 @@ def threshold_text(model_path: str | os.PathLike, threshold: float, temperature:
     """What the confidence threshold means on the run's stored evaluation (eval_test first),
     in words; says so when there is none or it was made with a different temperature."""
     model_path = Path(model_path)
-    metrics_path = find_evaluation(model_path.parent)
+    metrics_path = RunFolder.of_model(model_path).find_evaluation()
     if metrics_path is None:
         return (f"No stored evaluation for this model yet, so what {float(threshold):.2f} buys is unknown; run "
                 f"python scripts/evaluate.py --model {model_path} --csv <test split>.")
     problems: list[str] = []
     metrics = _read_json(metrics_path, problems) or {}
     stored = metrics.get("risk_coverage")
-    split = metrics_path.parent.name.removeprefix("eval_")
+    split = metrics_path.parent.name.removeprefix(EVALUATION_PREFIX)
     if not isinstance(stored, dict):
         return f"{metrics_path} has no risk-coverage numbers (evaluated by an older version); evaluate again."
     sentence = threshold_sentence(stored, threshold, split)
@@ -601,12 +579,7 @@ class RunReport:
 
 def find_evaluation(run_dir: str | os.PathLike) -> Path | None:
     """eval_test/metrics.json if present, else the first other eval_*/metrics.json by name."""
-    run_dir = Path(run_dir)
-    preferred = run_dir / "eval_test" / "metrics.json"
-    if preferred.is_file():
-        return preferred
-    others = sorted(path for path in run_dir.glob("eval_*/metrics.json") if path.is_file())
-    return others[0] if others else None
+    return RunFolder(run_dir).find_evaluation()
 
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
@@ -625,9 +598,9 @@ def load_run_report(run_dir: str | os.PathLike) -> RunReport:
     """Read history.csv, summary.json, config.yaml and the evaluation of one run folder."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
-    report = RunReport(name=run_dir.name, run_dir=run_dir)
-    history_path = run_dir / "history.csv"
+    folder = RunFolder(run_dir)
+    report = RunReport(name=folder.name, run_dir=folder.path)
+    history_path = folder.history
     if history_path.is_file():
         try:
             history = pd.read_csv(history_path)
@@ -640,23 +613,21 @@ def load_run_report(run_dir: str | os.PathLike) -> RunReport:
                 report.history = history
     else:
         report.problems.append(f"{history_path}: not found.")
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        report.summary = _read_json(summary_path, report.problems)
+    if folder.summary.is_file():
+        report.summary = _read_json(folder.summary, report.problems)
     else:
-        report.problems.append(f"{summary_path}: not found (training may still be running).")
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
+        report.problems.append(f"{folder.summary}: not found (training may still be running).")
+    if folder.config.is_file():
         try:
-            report.config_text = config_path.read_text(encoding="utf-8")
+            report.config_text = folder.config.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            report.problems.append(f"{config_path}: unreadable ({error}).")
+            report.problems.append(f"{folder.config}: unreadable ({error}).")
     else:
-        report.problems.append(f"{config_path}: not found.")
-    metrics_path = find_evaluation(run_dir)
+        report.problems.append(f"{folder.config}: not found.")
+    metrics_path = folder.find_evaluation()
     if metrics_path is None:
         report.problems.append(
-            f"{run_dir}: no evaluation yet; run python scripts/evaluate.py --model {run_dir / MODEL_FILE} ..."
+            f"{folder.path}: no evaluation yet; run python scripts/evaluate.py --model {folder.best_model} ..."
         )
     else:
         report.evaluation_name = metrics_path.parent.name

@@ -26,6 +26,11 @@ import sys
 from typing import Callable, Mapping
 
 from keras_ham.errors import KerasHamError
+from keras_ham.internals import imported_keras_torch_device, per_variable_optimizer, tensorflow_reported_unavailable
+
+
+#: The devices a config, `--device` and `choose_device` accept.
+DEVICE_NAMES = ("auto", "cpu", "cuda", "mps", "directml")
 
 
 class DeviceError(KerasHamError, RuntimeError):
@@ -108,7 +113,7 @@ def choose_device(
         if not probes[requested]():
             raise DeviceError(f"device={requested} requested, but torch reports it is not available.")
         return DeviceChoice(requested, requested, "requested")
-    raise DeviceError(f"device={requested!r}: expected auto, cpu, cuda, mps or directml.")
+    raise DeviceError(f"device={requested!r}: expected {', '.join(DEVICE_NAMES[:-1])} or {DEVICE_NAMES[-1]}.")
 
 
 def configure_device(requested: str = "auto", *, log: Callable[[str], None] | None = print) -> DeviceChoice:
@@ -131,14 +136,14 @@ def configure_device(requested: str = "auto", *, log: Callable[[str], None] | No
         from keras_ham.distributed import per_process_device
 
         choice = dataclasses.replace(choice, torch_device=per_process_device(choice.torch_device, choice.kind))
-    keras_core = sys.modules.get("keras.src.backend.torch.core")
-    if keras_core is not None and str(keras_core.DEFAULT_DEVICE) != choice.torch_device:
+    keras_device = imported_keras_torch_device()
+    if keras_device is not None and keras_device != choice.torch_device:
         if requested != "auto":
             raise DeviceError(
-                f"Keras was imported before the device was chosen and uses {keras_core.DEFAULT_DEVICE}; "
+                f"Keras was imported before the device was chosen and uses {keras_device}; "
                 f"call configure_device() before importing keras to use {choice.torch_device}."
             )
-        choice = DeviceChoice("env", str(keras_core.DEFAULT_DEVICE), "Keras was already imported")
+        choice = DeviceChoice("env", keras_device, "Keras was already imported")
     os.environ["KERAS_TORCH_DEVICE"] = choice.torch_device
     if log:
         log(choice.describe())
@@ -151,7 +156,7 @@ def make_optimizer(learning_rate, weight_decay: float, choice: DeviceChoice | No
 
     if choice is None or choice.kind != "directml":
         return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
-    return _per_variable_adamw_class()(learning_rate=learning_rate, weight_decay=weight_decay)
+    return per_variable_optimizer(keras.optimizers.AdamW)(learning_rate=learning_rate, weight_decay=weight_decay)
 
 
 @contextlib.contextmanager
@@ -166,24 +171,11 @@ def keras_without_tensorflow():
     """
     import keras
 
-    try:
-        from keras.src.utils.module_utils import tensorflow as lazy_tensorflow
-    except ImportError:  # another Keras layout: nothing to defer
-        lazy_tensorflow = None
-    defer = (
-        lazy_tensorflow is not None
-        and getattr(lazy_tensorflow, "_available", True) is None  # not imported or probed yet
-        and keras.backend.backend() != "tensorflow"
-        and "tensorflow" not in sys.modules
-    )
-    if not defer:
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
         yield
         return
-    lazy_tensorflow._available = False
-    try:
+    with tensorflow_reported_unavailable():
         yield
-    finally:
-        lazy_tensorflow._available = None  # probed normally the next time anyone asks
 
 
 def set_random_seed(seed: int) -> None:
@@ -193,19 +185,3 @@ def set_random_seed(seed: int) -> None:
 
     with keras_without_tensorflow():
         keras.utils.set_random_seed(seed)
-
-
-def _per_variable_adamw_class():
-    import keras
-    from keras.src.optimizers.base_optimizer import BaseOptimizer
-
-    class PerVariableAdamW(keras.optimizers.AdamW):
-        """AdamW updating one variable at a time (no fused `_foreach` kernels)."""
-
-        def _backend_update_step(self, grads, trainable_variables, learning_rate):
-            BaseOptimizer._backend_update_step(self, grads, trainable_variables, learning_rate)
-
-        def _apply_weight_decay(self, variables):
-            BaseOptimizer._apply_weight_decay(self, variables)
-
-    return PerVariableAdamW

@@ -31,19 +31,13 @@ from keras_ham.calibration import (
 )
 from keras_ham.metrics import bootstrap_intervals, classification_metrics, format_metrics_table
 from keras_ham.model import model_temperature
-from keras_ham.train import SUMMARY
 from keras_ham.predict import Predictor
-
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.csv"
-CONFUSION_PLOT = "confusion_matrix.png"
-RELIABILITY_PLOT = "reliability_diagram.png"
-RISK_COVERAGE_PLOT = "risk_coverage.png"
+from keras_ham.runs import EvaluationFiles, RunFolder
 
 
 def default_output_dir(model_path: str | os.PathLike, csv_path: str | os.PathLike) -> Path:
     """`runs/<name>/eval_<csv stem>/`: evaluations live beside the model they judge."""
-    return Path(model_path).parent / f"eval_{Path(csv_path).stem}"
+    return RunFolder.of_model(model_path).evaluation_dir(csv_path)
 
 
 def predictions_frame(image_ids: Sequence[str], y_true: Sequence[int], probabilities: np.ndarray) -> pd.DataFrame:
@@ -180,20 +174,21 @@ def evaluate(
     metrics["calibration"] = calibration_metrics(y_true, probabilities, groups, resamples=bootstrap)
     metrics["calibration"]["temperature"] = model_temperature(predictor.model)  # None: not calibrated
     metrics["risk_coverage"] = risk_coverage(y_true, probabilities)
-    ood = stored_ood_threshold(Path(model_path).parent / SUMMARY)
+    ood = stored_ood_threshold(RunFolder.of_model(model_path).summary)
     if ood is not None:  # one more pass, for the logits: the model outputs probabilities
         scores, flagged = ood_flags(model_logits(predictor.model, data, batch_size=batch_size), ood)
         metrics["ood"] = {**{key: ood[key] for key in ("score", "threshold", "false_alarm_rate")},
                           "flagged": int(flagged.sum()), "flagged_share": float(flagged.mean()),
                           "score_median": float(np.median(scores))}
     metrics.update(model=str(model_path), csv=str(csv_path), tta=tta, image_size=predictor.image_size)
-    write_json_atomic(out / METRICS_FILE, metrics)
-    write_csv_atomic(out / PREDICTIONS_FILE, predictions_frame(frame["image_id"], y_true, probabilities))
-    plot_confusion_matrix(metrics["confusion_matrix"], out / CONFUSION_PLOT,
+    files = EvaluationFiles(out)
+    write_json_atomic(files.metrics, metrics)
+    write_csv_atomic(files.predictions, predictions_frame(frame["image_id"], y_true, probabilities))
+    plot_confusion_matrix(metrics["confusion_matrix"], files.confusion_plot,
                           title=f"{Path(csv_path).name}: balanced accuracy {metrics['balanced_accuracy']:.3f}")
     name = Path(csv_path).name
-    plot_reliability_diagram(metrics["calibration"], out / RELIABILITY_PLOT, title=f"{name}: reliability")
-    plot_risk_coverage(metrics["risk_coverage"], out / RISK_COVERAGE_PLOT, title=f"{name}: risk-coverage")
+    plot_reliability_diagram(metrics["calibration"], files.reliability_plot, title=f"{name}: reliability")
+    plot_risk_coverage(metrics["risk_coverage"], files.risk_coverage_plot, title=f"{name}: risk-coverage")
     log(format_metrics_table(metrics))
     log(format_calibration(metrics["calibration"]))
     log(format_risk_coverage(metrics["risk_coverage"]))
@@ -201,6 +196,6 @@ def evaluate(
         log(f"out-of-distribution flag (energy > {metrics['ood']['threshold']:.3f}, set to flag "
             f"{metrics['ood']['false_alarm_rate']:.0%} of validation images): {metrics['ood']['flagged']} of "
             f"{len(frame)} images ({metrics['ood']['flagged_share']:.1%})")
-    log(f"wrote {out / METRICS_FILE}, {out / PREDICTIONS_FILE}, {out / CONFUSION_PLOT}, {out / RELIABILITY_PLOT}, "
-        f"{out / RISK_COVERAGE_PLOT}")
+    log(f"wrote {files.metrics}, {files.predictions}, {files.confusion_plot}, {files.reliability_plot}, "
+        f"{files.risk_coverage_plot}")
     return metrics

@@ -21,7 +21,6 @@ Drawing (`overlay`) is separate from computing (`GradCAM.cam`).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,13 @@ import keras
 import numpy as np
 from PIL import Image
 
+from keras_ham.backbones import backbone_for_model_name
 from keras_ham.errors import KerasHamError
 from keras_ham.images import load_image
+from keras_ham.internals import producing_operation
 from keras_ham.io_utils import atomic_path, ensure_output_dir
-from keras_ham.labels import CLASS_NAMES
 from keras_ham.model import load_classifier
+from keras_ham.runs import RunFolder, read_labels
 
 #: The layer name of the linear class scores in models built by keras_ham.
 LOGITS_LAYER = "logits"
@@ -96,13 +97,17 @@ def _listing(names: Sequence[str]) -> str:
 
 
 def default_layer_name(model: keras.Model) -> str:
-    """The last layer whose output is 4-D, i.e. the final feature map before global pooling.
+    """The final feature map before global pooling: the backbone's `gradcam_layer` for a
+    keras-ham classifier (keras_ham.backbones), else the last layer whose output is 4-D.
 
     For a flat ResNet50 classifier this is "conv5_block3_out".
     """
     names = feature_map_layers(model)
     if not names:
         raise GradCAMError(f"model {model.name!r}: Grad-CAM needs a layer with a 4-D output; {_listing(names)}.")
+    backbone = backbone_for_model_name(model.name)
+    if backbone is not None and backbone.gradcam_layer in names:
+        return backbone.gradcam_layer
     return names[-1]
 
 
@@ -114,14 +119,20 @@ def layer_choices(model: keras.Model, count: int = 3) -> list[tuple[str, tuple[i
     only 2x2 at 64 px, where it can do little more than name a quadrant. One or two stages
     earlier (e.g. conv4_block6_out, conv3_block4_out) trade some specificity for detail.
     """
+    default = default_layer_name(model)
+    deepest = model.get_layer(default).output.shape[1:3]
     last_at_size: dict[tuple, str] = {}
     for name in feature_map_layers(model):
         layer = model.get_layer(name)
         if isinstance(layer, keras.layers.ZeroPadding2D):  # a padded copy of the map before it
             continue
         size = tuple(layer.output.shape[1:3])
+        if all(a is not None and b is not None and a < b for a, b in zip(size, deepest)):
+            continue  # smaller than the final map: a squeeze-and-excitation branch (EfficientNet), not a stage
         last_at_size.pop(size, None)  # re-inserted: the dict ends up ordered by last appearance
         last_at_size[size] = name
+        if name == default:
+            break
     deepest_first = list(last_at_size.items())[::-1][:count]
     return [(name, size) for size, name in deepest_first]
 
@@ -144,7 +155,7 @@ def _logits_tensor(model: keras.Model, logits_layer: str | None):
         layer = _find_layer(model, logits_layer)
         if layer is not None:
             return layer.output, logits_layer
-    last = model.outputs[0]._keras_history.operation
+    last = producing_operation(model.outputs[0])
     if isinstance(last, keras.layers.Activation) and last.activation is keras.activations.softmax:
         return last.input, f"input of {last.name!r}"
     raise GradCAMError(
@@ -517,25 +528,9 @@ def overlay(image, heatmap: np.ndarray, alpha: float = 0.4, colormap: str = "jet
 
 
 def load_class_names(model_path: str | os.PathLike, num_classes: int) -> tuple[str, ...]:
-    """Class names for a model: labels.json beside it if present, else keras_ham.labels.CLASS_NAMES.
-
-    labels.json holds a JSON list of names, or an object with a "class_names" list.
-    """
-    labels_path = Path(model_path).parent / "labels.json"
-    if labels_path.is_file():
-        try:
-            data = json.loads(labels_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise GradCAMError(f"{labels_path}: cannot read the class names ({error}).") from error
-        names = data.get("class_names") if isinstance(data, dict) else data
-        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise GradCAMError(f"{labels_path}: expected a JSON list of class names or {{\"class_names\": [...]}}.")
-    else:
-        names = list(CLASS_NAMES)
-    if len(names) != num_classes:
-        source = labels_path if labels_path.is_file() else "keras_ham.labels.CLASS_NAMES"
-        raise GradCAMError(f"{source}: {len(names)} class names, but the model has {num_classes} outputs.")
-    return tuple(names)
+    """Class names for a model: labels.json beside it if present, else keras_ham.labels.CLASS_NAMES
+    (`keras_ham.runs.read_labels`: LabelsError for a bad file or a count other than `num_classes`)."""
+    return read_labels(RunFolder.of_model(model_path).labels, num_classes).class_names
 
 
 def parse_class(value: str | int | None, class_names: Sequence[str]) -> int | None:

@@ -20,6 +20,10 @@ from keras_ham.errors import KerasHamError
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
+#: File types keras-ham reads as images: image ids in a dataset folder, `predict` on a folder,
+#: the dashboard's upload dialog. Pillow decodes them all; content is checked when decoded.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
 #: Refuse images above this many pixels (decompression bombs). A 6000x4000 photo is 24 MP;
 #: 64 MP leaves room for any real dermatoscope while stopping bombs.
 MAX_PIXELS = 64_000_000

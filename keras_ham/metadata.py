@@ -13,13 +13,13 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from keras_ham.errors import KerasHamError
+from keras_ham.images import IMAGE_EXTENSIONS  # noqa: F401 - the one list of image file types
 from keras_ham.labels import CLASS_NAMES
 
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 SPLIT_COLUMNS = ("image_id", "dx", "lesion_id")
 EVAL_COLUMNS = ("image_id", "dx")
 IMAGE_PART_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 class MetadataError(KerasHamError, ValueError):

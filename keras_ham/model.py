@@ -1,17 +1,18 @@
 """The classifier: raw RGB in, class probabilities out, every step inside one Keras model.
 
-    image (0..255 RGB) -> augmentation (training only) -> ResNet preprocessing
-      -> ResNet backbone (flat: its layers are this model's layers)
+    image (0..255 RGB) -> augmentation (training only) -> the backbone's preprocessing
+      -> backbone (flat: its layers are this model's layers)
       -> global average pool -> dropout -> Dense "logits" -> softmax "probabilities"
 
 After calibration (`with_temperature`) the head ends
       Dense "logits" -> Rescaling(1/T) "temperature" -> softmax "probabilities".
 
-Preprocessing lives inside the model so a saved `.keras` file takes plain images on any
-backend. The backbone is built flat (not as a nested sub-model) so Grad-CAM can reach any
-feature map by name, and the head keeps logits separate from the softmax so Grad-CAM
-never has to alter the model. Only built-in Keras layers are used: a saved file loads in
-safe mode without importing this package.
+The backbones (ResNet50, ResNet-18, EfficientNetB0) and their preprocessing are entries of
+`keras_ham.backbones.BACKBONES`. Preprocessing lives inside the model so a saved `.keras`
+file takes plain images on any backend. The backbone is built flat (not as a nested
+sub-model) so Grad-CAM can reach any feature map by name, and the head keeps logits
+separate from the softmax so Grad-CAM never has to alter the model. Only built-in Keras
+layers are used: a saved file loads in safe mode without importing this package.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_ham.backbones import BACKBONES, CAFFE_BGR_MEAN, MODEL_NAMES, PREPROCESS_LAYERS, Backbone, Preprocessing  # noqa: F401
 from keras_ham.config import Config
 from keras_ham.errors import KerasHamError
 from keras_ham.labels import NUM_CLASSES
 
-#: Per-channel means (BGR) of ImageNet, as `keras.applications.resnet50.preprocess_input`.
-CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 INPUT_NAME = "image"
+#: The ResNets' preprocessing layer (each backbone names its own: keras_ham.backbones).
 PREPROCESS_LAYER = "resnet_preprocess"
 POOL_LAYER = "avg_pool"
 LOGITS_LAYER = "logits"
@@ -58,50 +59,21 @@ def _augmentation(x, config: Config):
     return x
 
 
-def _caffe_preprocess_layer() -> keras.layers.Conv2D:
-    """RGB -> BGR and mean subtraction as a frozen 1x1 convolution.
-
-    A built-in layer (rather than a Lambda or a custom class) keeps the saved model
-    loadable in safe mode on every backend; the weights are set in `_init_preprocess`.
-    """
-    return keras.layers.Conv2D(3, 1, use_bias=True, trainable=False, name=PREPROCESS_LAYER)
+def _preprocess_layer(preprocessing: Preprocessing) -> keras.layers.Conv2D:
+    """The backbone's per-channel affine preprocessing as a frozen 1x1 convolution; its
+    weights are set in `_set_preprocessing` once the model is built."""
+    return keras.layers.Conv2D(3, 1, use_bias=True, trainable=False, name=preprocessing.layer_name)
 
 
-def _init_preprocess(model: keras.Model) -> None:
-    kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
-    for out_channel, in_channel in enumerate((2, 1, 0)):  # BGR output from RGB input
-        kernel[0, 0, in_channel, out_channel] = 1.0
-    model.get_layer(PREPROCESS_LAYER).set_weights([kernel, -CAFFE_BGR_MEAN])
+def _set_preprocessing(model: keras.Model, preprocessing: Preprocessing) -> None:
+    model.get_layer(preprocessing.layer_name).set_weights(list(preprocessing.kernel_and_bias()))
 
 
-def _resnet18_features(x):
-    """ResNet-18 (He et al., 2016) with basic blocks; layer names follow keras.applications."""
-    bn_axis = 3
-
-    def basic_block(x, filters, stride, name):
-        shortcut = x
-        if stride != 1 or x.shape[-1] != filters:
-            shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_0_conv")(x)
-            shortcut = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1.001e-5, name=f"{name}_0_bn")(shortcut)
-        x = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_1_conv")(x)
-        x = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1.001e-5, name=f"{name}_1_bn")(x)
-        x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_2_conv")(x)
-        x = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1.001e-5, name=f"{name}_2_bn")(x)
-        x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
-        return keras.layers.Activation("relu", name=f"{name}_out")(x)
-
-    x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(x)
-    x = keras.layers.Conv2D(64, 7, strides=2, use_bias=False, name="conv1_conv")(x)
-    x = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1.001e-5, name="conv1_bn")(x)
-    x = keras.layers.Activation("relu", name="conv1_relu")(x)
-    x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
-    x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
-    for stage, filters in enumerate((64, 128, 256, 512), start=2):
-        for block in (1, 2):
-            stride = 2 if (block == 1 and stage > 2) else 1
-            x = basic_block(x, filters, stride, name=f"conv{stage}_block{block}")
-    return x
+def backbone_entry(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:  # Config validation makes this unreachable; kept for direct callers.
+        raise ModelError(f"model={name!r}: expected one of {', '.join(MODEL_NAMES)}.") from None
 
 
 def _weights_source(weights: str | None) -> str | None:
@@ -112,15 +84,18 @@ def _weights_source(weights: str | None) -> str | None:
     if not path.is_file():
         raise ModelError(
             f"weights={weights!r}: no such file. Use 'imagenet', null, or a path to a "
-            "keras.applications ResNet50 '.h5'/'.weights.h5' file or a keras-ham '.keras' model."
+            "keras.applications '.h5'/'.weights.h5' file of the backbone or a keras-ham '.keras' model."
         )
     return str(path)
 
 
 def _copy_weights_by_name(source: keras.Model, target: keras.Model, layer_names: set[str]) -> int:
+    """Copy the weights of the layers named in `layer_names`. Normalization layers are skipped:
+    keras.applications leaves them unnamed (so names differ between two models in one process)
+    and a backbone's standardisation is its preprocessing layer (see keras_ham.backbones)."""
     copied = 0
     for layer in source.layers:
-        if layer.name in layer_names and layer.weights:
+        if layer.name in layer_names and layer.weights and not isinstance(layer, keras.layers.Normalization):
             target.get_layer(layer.name).set_weights(layer.get_weights())
             copied += 1
     return copied
@@ -139,16 +114,19 @@ def _load_backbone_weights(model: keras.Model, config: Config, backbone_names: s
         if copied == 0:
             raise ModelError(f"weights={weights!r}: no backbone layer of this {config.model} found in the file.")
         return
-    if config.model != "resnet50":
+    backbone = backbone_entry(config.model)
+    if backbone.imagenet_source is None:
+        with_weights = ", ".join(name for name, entry in BACKBONES.items() if entry.imagenet_source)
         raise ModelError(
-            f"weights={weights!r} is only available for model=resnet50 (keras.applications); "
+            f"weights={weights!r} is only available for model={with_weights} (keras.applications); "
             f"for model={config.model} use null or a keras-ham '.keras' file."
         )
-    size = config.image_size
     # keras.applications downloads ImageNet weights (or reads a local file) into a
     # standalone backbone; copying by layer name keeps our model flat.
-    source = keras.applications.ResNet50(include_top=False, weights=weights, input_shape=(size, size, 3))
+    source = backbone.imagenet_source(weights, config.image_size)
     _copy_weights_by_name(source, model, backbone_names)
+    if backbone.imagenet_preprocessing is not None:
+        _set_preprocessing(model, backbone.imagenet_preprocessing(source, weights))
 
 
 def build_model(config: Config, *, num_classes: int = NUM_CLASSES) -> keras.Model:
@@ -156,21 +134,16 @@ def build_model(config: Config, *, num_classes: int = NUM_CLASSES) -> keras.Mode
     _weights_source(config.weights)  # fail fast, before building anything
     size = config.image_size
     inputs = keras.Input(shape=(size, size, 3), name=INPUT_NAME)
+    backbone = backbone_entry(config.model)
     x = _augmentation(inputs, config)
-    x = _caffe_preprocess_layer()(x)
-    if config.model == "resnet50":
-        backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x)
-        features = backbone.output
-    elif config.model == "resnet18":
-        features = _resnet18_features(x)
-    else:  # Config validation makes this unreachable; kept for direct callers.
-        raise ModelError(f"model={config.model!r}: expected resnet50 or resnet18.")
+    x = _preprocess_layer(backbone.preprocessing)(x)
+    features = backbone.build(x)
     x = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(features)
     x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(x)
     logits = keras.layers.Dense(num_classes, name=LOGITS_LAYER)(x)
     probabilities = keras.layers.Activation("softmax", dtype="float32", name=OUTPUT_LAYER)(logits)
     model = keras.Model(inputs, probabilities, name=f"keras_ham_{config.model}")
-    _init_preprocess(model)
+    _set_preprocessing(model, backbone.preprocessing)
     if config.batchnorm_momentum is not None:
         # With few training steps (a short run from scratch), Keras's default 0.99 leaves
         # the moving statistics far from the data and inference outputs one class.
@@ -184,10 +157,11 @@ def build_model(config: Config, *, num_classes: int = NUM_CLASSES) -> keras.Mode
 def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The backbone's layers: everything between the preprocessing and the pooling."""
     names = [layer.name for layer in model.layers]
-    try:
-        start, stop = names.index(PREPROCESS_LAYER), names.index(POOL_LAYER)
-    except ValueError as error:
-        raise ModelError(f"{model.name}: not a keras-ham classifier (no {error.args[0]}).") from None
+    starts = [index for index, name in enumerate(names) if name in PREPROCESS_LAYERS]
+    if not starts or POOL_LAYER not in names:
+        missing = " or ".join(PREPROCESS_LAYERS) if not starts else POOL_LAYER
+        raise ModelError(f"{model.name}: not a keras-ham classifier (no {missing!r}).")
+    start, stop = starts[0], names.index(POOL_LAYER)
     return model.layers[start + 1 : stop]
 
 

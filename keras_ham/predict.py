@@ -23,9 +23,9 @@ from typing import Iterable, Sequence
 import keras
 import numpy as np
 
-from keras_ham.images import ImageError, load_image
+from keras_ham.images import IMAGE_EXTENSIONS, ImageError, load_image
+from keras_ham.internals import call_takes_training, nodes_deepest_first
 from keras_ham.labels import CLASS_NAMES
-from keras_ham.metadata import IMAGE_EXTENSIONS
 from keras_ham.model import load_classifier, model_image_size
 
 #: Test-time augmentation views: identity, horizontal, vertical and both flips.
@@ -76,8 +76,7 @@ class TorchInferenceGraph:
         self.folded_batchnorms = 0
         nodes = [
             node
-            for depth in sorted(model._nodes_by_depth, reverse=True)
-            for node in model._nodes_by_depth[depth]
+            for node in nodes_deepest_first(model)
             if node.operation is not None and not node.is_input
         ]
         uses: dict[int, int] = {}  # readers of each symbolic tensor (the model output counts)
@@ -202,7 +201,7 @@ class TorchInferenceGraph:
 
         def through_keras(values, node=node, operation=operation):
             args, kwargs = node.arguments.fill_in(values)
-            if "training" in getattr(operation, "_call_context_args", ()):
+            if call_takes_training(operation):
                 kwargs["training"] = False
             return operation(*args, **kwargs)
 

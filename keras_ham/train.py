@@ -1,13 +1,8 @@
 """Train a classifier into a run folder, resumably.
 
-A run folder `runs/<name>/` is the contract with every later stage:
-
-    best.keras     best model so far by `config.monitor` (uncompiled, portable)
-    history.csv    one row per finished epoch
-    config.yaml    the resolved config
-    labels.json    class order, full names, descriptions
-    summary.json   device, backend, durations, best epoch and score, versions
-    state/         resume checkpoint (removed when training finishes)
+A run folder `runs/<name>/` is the contract with every later stage; its layout and formats
+(best.keras, history.csv, config.yaml, labels.json, summary.json, state/) are defined in
+`keras_ham.runs`.
 
 Every file is written atomically. If the process dies (even `kill -9`), running the same
 command again finds `state/` and continues from the last finished epoch.
@@ -21,7 +16,6 @@ trains on its shard of each batch, rank 0 alone writes the run folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -41,35 +35,31 @@ from keras_ham.dataset import class_weights, dataset_from_split_csv
 from keras_ham.device import DeviceChoice, keras_without_tensorflow, make_optimizer, set_random_seed
 from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
-from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES, NUM_CLASSES
+from keras_ham.labels import CLASS_NAMES, NUM_CLASSES
 from keras_ham.machine import cpu_model, package_versions
 from keras_ham.metrics import BalancedAccuracy, SparseCrossentropyWithSmoothing
 from keras_ham.model import build_model, set_backbone_trainable
+from keras_ham.runs import (  # noqa: F401 - the layout names stay importable from here for other code
+    BEST_MODEL,
+    CONFIG,
+    HISTORY,
+    LABELS,
+    STATE_DIR,
+    STATE_FILE,
+    SUMMARY,
+    ResumeState,
+    RunFolder,
+    RunFolderError,
+    default_labels,
+)
 
 Log = Callable[[str], None]
-
-BEST_MODEL = "best.keras"
-HISTORY = "history.csv"
-CONFIG = "config.yaml"
-LABELS = "labels.json"
-SUMMARY = "summary.json"
-STATE_DIR = "state"
-STATE_FILE = "state.json"
-
 
 class TrainingError(KerasHamError, RuntimeError):
     """Training cannot start or continue as asked."""
 
 
 # --------------------------------------------------------------------------- run folder
-
-
-def labels_document() -> dict:
-    return {
-        "class_names": list(CLASS_NAMES),
-        "full_names": dict(CLASS_FULL_NAMES),
-        "descriptions": dict(CLASS_DESCRIPTIONS),
-    }
 
 
 def _comparable(config: Config) -> dict:
@@ -95,8 +85,9 @@ def resolve_run_dir(config: Config, default_name: str, log: Log = print) -> tupl
             raise TrainingError(f"{candidate} is a file; expected a run folder. Move it or use --set run_name=NEW_NAME.")
         if not candidate.exists() or not any(candidate.iterdir()):
             return candidate, False
-        if (candidate / STATE_DIR / STATE_FILE).exists() and not (candidate / SUMMARY).exists():
-            differing = _differing_keys(candidate / CONFIG, config)
+        folder = RunFolder(candidate)
+        if folder.state_file.exists() and not folder.summary.exists():
+            differing = _differing_keys(folder.config, config)
             if differing:
                 raise TrainingError(
                     f"{candidate} holds an interrupted run with a different config "
@@ -104,7 +95,7 @@ def resolve_run_dir(config: Config, default_name: str, log: Log = print) -> tupl
                     "with --set run_name=NEW_NAME."
                 )
             return candidate, True
-        if not any((candidate / item).exists() for item in (SUMMARY, BEST_MODEL, HISTORY)):
+        if not any(item.exists() for item in (folder.summary, folder.best_model, folder.history)):
             log(f"{candidate} holds no finished epoch of an earlier run; reusing it.")
             return candidate, False
         k += 1
@@ -193,7 +184,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     at any moment leaves either the previous consistent state or the new one.
     """
 
-    def __init__(self, run_dir: Path, config: Config, export_model: keras.Model, state: dict, log: Log,
+    def __init__(self, run_dir: Path, config: Config, export_model: keras.Model, state: ResumeState, log: Log,
                  writes: bool = True):
         super().__init__()
         #: False on ranks other than 0: they keep the same state in memory but write nothing.
@@ -212,7 +203,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.epoch_started = time.perf_counter()
 
     def _improved(self, value: float) -> bool:
-        best = self.state.get("best_score")
+        best = self.state.best_score
         if best is None:
             return True
         return value < best if self.mode == "min" else value > best
@@ -221,14 +212,14 @@ class RunCheckpoint(keras.callbacks.Callback):
         logs = dict(logs or {})
         values = [v for v in logs.values() if isinstance(v, (int, float))]
         if any(not math.isfinite(float(v)) for v in values):
-            self.state["stopped_reason"] = f"non-finite values in epoch {epoch + 1}; nothing of it was saved"
-            self.log(f"epoch {epoch + 1}: {self.state['stopped_reason']}")
+            self.state.stopped_reason = f"non-finite values in epoch {epoch + 1}; nothing of it was saved"
+            self.log(f"epoch {epoch + 1}: {self.state.stopped_reason}")
             return
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         seconds = time.perf_counter() - self.epoch_started
         row = {"epoch": epoch + 1, "learning_rate": learning_rate, "seconds": round(seconds, 3)}
         row.update({key: float(value) for key, value in logs.items() if key != "learning_rate"})
-        self.state["history"].append(row)
+        self.state.history.append(row)
         monitored = logs.get(self.config.monitor)
         if monitored is None:
             raise TrainingError(
@@ -237,30 +228,31 @@ class RunCheckpoint(keras.callbacks.Callback):
         if self._improved(float(monitored)):
             if self.writes:
                 self.export_model.set_weights(self.model.get_weights())
-                with atomic_path(self.run_dir / BEST_MODEL) as tmp, keras_without_tensorflow():
+                with atomic_path(RunFolder(self.run_dir).best_model) as tmp, keras_without_tensorflow():
                     self.export_model.save(tmp)
-            self.state.update(best_score=float(monitored), best_epoch=epoch + 1)
+            self.state.best_score, self.state.best_epoch = float(monitored), epoch + 1
             self.log(f"epoch {epoch + 1}: {self.config.monitor} improved to {float(monitored):.4f}; saved {BEST_MODEL}")
-        self.state["callback_counters"] = {name: cb.counters() for name, cb in self.counter_callbacks.items()}
+        self.state.callback_counters = {name: cb.counters() for name, cb in self.counter_callbacks.items()}
         early_stopping = self.counter_callbacks.get("early_stopping")
         if early_stopping is not None and self.model.stop_training and early_stopping.stopped_epoch == epoch:
-            self.state["stopped_reason"] = (f"early stopping: {self.config.monitor} did not improve for "
+            self.state.stopped_reason = (f"early stopping: {self.config.monitor} did not improve for "
                                             f"{self.config.early_stopping_patience} epochs")
         self._save_state(epoch + 1)
 
     def _save_state(self, next_epoch: int) -> None:
         if not self.writes:
-            self.state.update(epoch=next_epoch)
+            self.state.epoch = next_epoch
             return
-        state_dir = self.run_dir / STATE_DIR
+        folder = RunFolder(self.run_dir)
+        state_dir = folder.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = state_dir / f"epoch-{next_epoch:04d}.weights.h5"
         with atomic_path(checkpoint) as tmp:
             self.model.save_weights(tmp)
-        previous = self.state.get("checkpoint")
-        self.state.update(epoch=next_epoch, checkpoint=checkpoint.name)
-        write_json_atomic(state_dir / STATE_FILE, self.state)
-        write_history(self.run_dir / HISTORY, self.state["history"])
+        previous = self.state.checkpoint
+        self.state.epoch, self.state.checkpoint = next_epoch, checkpoint.name
+        write_json_atomic(folder.state_file, self.state.to_json())
+        write_history(folder.history, self.state.history)
         if previous and previous != checkpoint.name:
             (state_dir / previous).unlink(missing_ok=True)
 
@@ -331,16 +323,12 @@ def prepare_demo_data(config: Config, log: Log = print) -> None:
         )
 
 
-def _read_state(state_file: Path) -> dict:
+def _read_state(state_file: Path) -> ResumeState:
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        problem = None if isinstance(state, dict) and isinstance(state.get("epoch"), int) else "not a resume state"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        problem = error
-    if problem is not None:
-        raise TrainingError(f"{state_file} is unreadable ({problem}). Delete {state_file.parent} to start this "
-                            "run over, or start a new run with --set run_name=NEW_NAME.")
-    return state
+        return ResumeState.read(state_file)
+    except RunFolderError as error:
+        raise TrainingError(f"{error}. Delete {state_file.parent} to start this run over, or start a new run "
+                            "with --set run_name=NEW_NAME.") from error
 
 
 def train(
@@ -368,19 +356,20 @@ def train(
         log("class weights: " + ", ".join(f"{CLASS_NAMES[i]} {w:.2f}" for i, w in weights.items()))
         train_data.class_weight = np.array([weights[i] for i in range(NUM_CLASSES)], dtype=np.float32)
 
-    state: dict = {"epoch": 0, "history": [], "best_score": None, "best_epoch": None, "checkpoint": None}
+    state = ResumeState()
     if context.is_main:
         run_dir, resuming = resolve_run_dir(config, default_run_name or config.model, log)
-        state_file = run_dir / STATE_DIR / STATE_FILE
+        folder = RunFolder(run_dir)
         if resuming:  # read before anything in the folder is rewritten
-            state.update(_read_state(state_file))
+            state = _read_state(folder.state_file)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / CONFIG, config.to_yaml())
-        write_json_atomic(run_dir / LABELS, labels_document())
+        write_text_atomic(folder.config, config.to_yaml())
+        write_json_atomic(folder.labels, default_labels().to_json())
     run_dir, resuming, state = context.broadcast_object((run_dir, resuming, state) if context.is_main else None)
+    folder = RunFolder(run_dir)
     if resuming:
-        counters = "".join(f"; {name} waited {c['wait']} epoch(s)" for name, c in state.get("callback_counters", {}).items())
-        log(f"resuming {run_dir} from epoch {state['epoch'] + 1} (best so far: {state['best_score']}{counters})")
+        counters = "".join(f"; {name} waited {c['wait']} epoch(s)" for name, c in state.callback_counters.items())
+        log(f"resuming {run_dir} from epoch {state.epoch + 1} (best so far: {state.best_score}{counters})")
 
     model = build_model(config)
     export_model = build_model(config.replace(weights=None))
@@ -389,26 +378,26 @@ def train(
     fit_seconds = 0.0
     images_seen = 0
     for phase, first_epoch, end_epoch in _phases(config):
-        if state["epoch"] >= end_epoch or state.get("stopped_reason"):
+        if state.epoch >= end_epoch or state.stopped_reason:
             continue
         if phase != "full":
             set_backbone_trainable(model, phase == "fine-tune")
             log(f"phase '{phase}': epochs {first_epoch + 1}-{end_epoch}, backbone {'trainable' if phase == 'fine-tune' else 'frozen'}")
-        checkpoint = state.get("checkpoint")
-        if checkpoint and state["epoch"] == first_epoch:
+        checkpoint = state.checkpoint
+        if checkpoint and state.epoch == first_epoch:
             if context.is_main:
-                model.load_weights(run_dir / STATE_DIR / checkpoint)  # a new phase starts a new optimizer
+                model.load_weights(folder.state_dir / checkpoint)  # a new phase starts a new optimizer
             checkpoint = None
         _compile(model, config, learning_rate_at(first_epoch, config), device, context)
         if checkpoint and context.is_main:
             model.optimizer.build(model.trainable_variables)
-            model.load_weights(run_dir / STATE_DIR / checkpoint)
+            model.load_weights(folder.state_dir / checkpoint)
         context.broadcast_training_state(model)  # rank 0's weights and optimizer state everywhere
         # Keras calls the dataset's on_epoch_end once before the first epoch, so pin the
         # shuffle order to the absolute epoch: a resumed run sees the same orders.
         pin_epoch = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: setattr(train_data, "epoch", epoch))
         # Counters carry over only inside a phase: each phase starts fresh ones, resumed or not.
-        restored = state.get("callback_counters", {}) if state["epoch"] > first_epoch else {}
+        restored = state.callback_counters if state.epoch > first_epoch else {}
         checkpoint_cb.counter_callbacks = {}
         if config.lr_schedule == "plateau":
             schedule = checkpoint_cb.counter_callbacks["plateau"] = ResumableReduceLROnPlateau(
@@ -425,7 +414,7 @@ def train(
         callbacks.append(checkpoint_cb)  # last of ours: it saves the counters the others just updated
         callbacks.extend(extra_callbacks)
         callbacks.append(last_cb)
-        first = state["epoch"]
+        first = state.epoch
         fit_started = time.perf_counter()
         model.fit(
             train_data,  # batches carry the class weights (and each rank's loss scale)
@@ -436,14 +425,14 @@ def train(
             verbose=verbose,
         )
         fit_seconds += time.perf_counter() - fit_started
-        images_seen += (state["epoch"] - first) * len(train_data.labels)
+        images_seen += (state.epoch - first) * len(train_data.labels)
         if model.stop_training:
             break
 
-    if state["best_epoch"] is None:
+    if state.best_epoch is None:
         raise TrainingError(
-            f"training produced no usable epoch ({state.get('stopped_reason', 'unknown reason')}); "
-            f"{run_dir / BEST_MODEL} was not written."
+            f"training produced no usable epoch ({state.stopped_reason or 'unknown reason'}); "
+            f"{folder.best_model} was not written."
         )
     summary = {
         "keras_ham_version": __version__,
@@ -455,10 +444,10 @@ def train(
         "processor": cpu_model(),
         "logical_cores": os.cpu_count(),
         "monitor": config.monitor,
-        "best_epoch": state["best_epoch"],
-        "best_score": state["best_score"],
-        "epochs_run": len(state["history"]),
-        "stopped_reason": state.get("stopped_reason"),
+        "best_epoch": state.best_epoch,
+        "best_score": state.best_score,
+        "epochs_run": len(state.history),
+        "stopped_reason": state.stopped_reason,
         "train_images": len(train_data.labels),
         "val_images": len(val_data.labels),
         "image_size": config.image_size,
@@ -468,15 +457,15 @@ def train(
         "seconds_total_this_process": round(time.perf_counter() - started, 2),
         "seconds_fit_this_process": round(fit_seconds, 2),
         "train_images_per_second_this_process": round(images_seen / fit_seconds, 2) if fit_seconds and images_seen else None,
-        "seconds_per_epoch": [row["seconds"] for row in state["history"]],
+        "seconds_per_epoch": [row["seconds"] for row in state.history],
         "resumed": resuming,
         "versions": package_versions(),
     }
     if context.is_main:  # the whole validation split (val_data is this rank's shard under torchrun)
         full_val = val_data if context.world_size == 1 else dataset_from_split_csv(config.val_csv, config, training=False)
         summary.update(fit_on_validation(run_dir, config, full_val, log))  # temperature and OOD threshold
-        write_json_atomic(run_dir / SUMMARY, summary)
-        shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+        write_json_atomic(folder.summary, summary)
+        shutil.rmtree(folder.state_dir, ignore_errors=True)
     distributed.close()
-    log(f"best {config.monitor} {state['best_score']:.4f} at epoch {state['best_epoch']}; run folder {run_dir}")
-    return TrainResult(run_dir, state["best_epoch"], state["best_score"], len(state["history"]), summary)
+    log(f"best {config.monitor} {state.best_score:.4f} at epoch {state.best_epoch}; run folder {run_dir}")
+    return TrainResult(run_dir, state.best_epoch, state.best_score, len(state.history), summary)

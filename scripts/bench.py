@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from keras_ham.bench import (  # noqa: E402  (keras_ham.bench does not import Keras)
+from keras_ham.bench import (  # keras_ham.bench does not import Keras
     BACKENDS,
     EXTRA_SECTIONS,
     SECTIONS,

@@ -20,9 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from keras_ham.device import configure_device  # noqa: E402
+from keras_ham.device import configure_device  # tests/test_distributed.py puts the repository on PYTHONPATH
 
 CLASS_WEIGHT = {0: 0.5, 1: 2.0, 2: 1.0, 3: 3.0, 4: 1.5, 5: 0.7, 6: 1.2}
 #: (images in the global batch, per-process batch B): a full batch and a partial one split 3 + 4.

@@ -14,12 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from keras_ham.gradcam import GradCAM  # noqa: E402
+from keras_ham.gradcam import GradCAM
 
 
 def closed_form(model: keras.Model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:

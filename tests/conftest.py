@@ -12,8 +12,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 #: Real HAM10000 subset laid out like the Kaggle download; absent on a fresh clone.
 REAL_DATA_DIR = Path(os.environ.get("KERAS_HAM_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "ham10000-224"))

@@ -109,3 +109,21 @@ def test_output_locations_are_checked_before_the_work(tmp_path):
     with pytest.raises(OutputError, match="a folder of that name exists"):
         check_output_file(tmp_path / "a")
     assert check_output_file(tmp_path / "c" / "p.csv") == tmp_path / "c" / "p.csv" and (tmp_path / "c").is_dir()
+
+
+def test_every_console_command_has_its_script_and_a_script_main(repo_root):
+    """pyproject.toml's console commands and scripts/<name>.py call the same main(argv)."""
+    import ast
+    import tomllib
+
+    commands = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert commands
+    for command, target in commands.items():
+        module_name, function = target.split(":")
+        main = getattr(importlib.import_module(module_name), function)
+        assert hasattr(main, "__wrapped__"), f"{target} is not decorated with keras_ham.cli.script_main"
+        name = module_name.rsplit(".", 1)[1]
+        assert command == "keras-ham-" + name.replace("_", "-")
+        script = ast.parse((repo_root / "scripts" / f"{name}.py").read_text())
+        imports = [node for node in script.body if isinstance(node, ast.ImportFrom)]
+        assert any(node.module == module_name and [a.name for a in node.names] == ["main"] for node in imports), name

@@ -8,6 +8,7 @@ KERAS_HAM_SCREENSHOT=path.png to keep the screenshots (the run tab goes to path_
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -25,7 +26,7 @@ from PIL import Image
 from conftest import REAL_DATA_DIR
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.calibration import threshold_sentence
-from test_dashboard_logic import tiny_risk_coverage, write_tiny_run
+from test_dashboard_logic import evaluate_tiny_model, write_tiny_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -63,10 +64,12 @@ def lesion_jpeg(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served_model(tmp_path_factory) -> tuple[Path, Path]:
-    """(model to serve, runs folder with one tiny run for the run tab)."""
+def served_model(tiny_demo, tmp_path_factory) -> tuple[Path, Path]:
+    """(model to serve, runs folder with one tiny run for the run tab); the tiny model is
+    evaluated on the tiny demo's test split, so the page has a threshold sentence to show."""
     runs = tmp_path_factory.mktemp("browser") / "runs"
     tiny = write_tiny_run(runs, "tiny-resnet18", overrides={"image_size": 64})
+    evaluate_tiny_model(tiny, tiny_demo)
     chosen = os.environ.get("KERAS_HAM_BROWSER_MODEL")
     return (Path(chosen) if chosen else tiny), runs
 
@@ -144,7 +147,7 @@ def keep_screenshot(path: Path, suffix: str = "") -> None:
         shutil.copyfile(path, target)
 
 
-def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browser, tmp_path):
+def test_upload_predict_explain_and_bad_file_in_chromium(server, served_model, chromium_browser, tmp_path):
     url, log_path = server
     image = lesion_jpeg(tmp_path / "lesion_600x450.jpg")
     corrupt = tmp_path / "corrupt.jpg"
@@ -173,7 +176,9 @@ def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browse
         assert abs(sum(shown_percent) - 100.0) <= 0.05 * len(CLASS_NAMES) + 1e-9, shown_percent
         assert "not calibrated" in card.locator(".kh-calibration").inner_text()
         # The threshold sentence is the stored evaluation's numbers at the default 0.50.
-        expected = threshold_sentence(tiny_risk_coverage(), 0.5, "test")
+        model, _runs = served_model
+        stored = json.loads((model.parent / "eval_test" / "metrics.json").read_text(encoding="utf-8"))
+        expected = threshold_sentence(stored["risk_coverage"], 0.5, "test")
         sentence = page.locator(".kh-threshold-sentence").inner_text().replace("\u00a0", " ")
         assert sentence == (expected[0].upper() + expected[1:]).replace("\u00a0", " "), sentence
         print(f"\nupload -> prediction + Grad-CAM shown: {elapsed:.2f} s (server had the file after {received:.2f} s; "

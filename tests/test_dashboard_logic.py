@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import io
 import json
@@ -19,59 +20,54 @@ from keras_ham import dashboard_logic as logic
 from keras_ham.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_OVERRIDES = {"weights": None, "image_size": 32, "model": "resnet18"}
 
 
-def tiny_risk_coverage() -> dict:
-    """Risk-coverage numbers as the evaluation stores them, for 56 made-up test images."""
-    from keras_ham.calibration import risk_coverage
-
-    rng = np.random.default_rng(5)
-    y_true = np.repeat(np.arange(7), 8)
-    logits = rng.normal(size=(56, 7)) + 2.0 * np.eye(7)[y_true]
-    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    return risk_coverage(y_true, probabilities)
-
-
-def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = None, evaluation: bool = True) -> Path:
-    """A run folder like keras_ham.train writes, around a tiny untrained model; returns best.keras."""
+def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = None) -> Path:
+    """A run folder holding only a tiny untrained model (resnet18, 32 px unless overridden), for
+    tests that need a servable model rather than a run report; returns its best.keras.
+    (Run reports are tested on what the real training writes: `train_and_evaluate_tiny_run`.)"""
     from keras_ham.config import load_config
     from keras_ham.model import build_model
+    from keras_ham.runs import RunFolder
 
-    config = load_config(overrides={**TINY_OVERRIDES, **(overrides or {})})
-    run_dir = runs_dir / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = run_dir / "best.keras"
-    build_model(config).save(model_path)
-    (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    (run_dir / "labels.json").write_text(json.dumps({
-        "class_names": list(CLASS_NAMES), "full_names": CLASS_FULL_NAMES, "descriptions": CLASS_DESCRIPTIONS,
-    }), encoding="utf-8")
-    rows = ["epoch,learning_rate,seconds,loss,accuracy,balanced_accuracy,val_loss,val_accuracy,val_balanced_accuracy"]
-    for epoch in range(1, 4):
-        rows.append(f"{epoch},0.001,1.5,{2.0 / epoch:.3f},{0.3 + 0.1 * epoch:.3f},{0.2 + 0.1 * epoch:.3f},"
-                    f"{2.2 / epoch:.3f},{0.25 + 0.1 * epoch:.3f},{0.15 + 0.1 * epoch:.3f}")
-    (run_dir / "history.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    (run_dir / "summary.json").write_text(json.dumps({
-        "backend": "torch", "device": "cpu", "best_epoch": 3, "best_score": 0.45,
-        "monitor": "val_balanced_accuracy", "versions": {"keras": "3"},
-    }), encoding="utf-8")
-    if evaluation:
-        matrix = np.eye(7, dtype=int) * 5 + 1
-        (run_dir / "eval_test").mkdir(exist_ok=True)
-        (run_dir / "eval_test" / "metrics.json").write_text(json.dumps({
-            "accuracy": 0.5, "balanced_accuracy": 0.42, "macro_f1": 0.4, "weighted_f1": 0.5,
-            "macro_roc_auc_ovr": 0.7, "num_images": int(matrix.sum()), "class_names": list(CLASS_NAMES),
-            "confusion_matrix": matrix.tolist(),
-            "confidence_intervals": {"method": "percentile bootstrap over lesions", "resamples": 1000,
-                                     "level": 0.95, "seed": 0, "accuracy": [0.43, 0.57],
-                                     "balanced_accuracy": [0.35, 0.49], "macro_f1": [0.33, 0.47]},
-            "per_class": {name: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "support": 6, "roc_auc_ovr": 0.7}
-                          for name in CLASS_NAMES},
-            "risk_coverage": tiny_risk_coverage(),
-            "calibration": {"temperature": None},
-        }), encoding="utf-8")
-    return model_path
+    config = load_config(overrides={"weights": None, "image_size": 32, "model": "resnet18", **(overrides or {})})
+    folder = RunFolder(runs_dir / name)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    build_model(config).save(folder.best_model)
+    return folder.best_model
+
+
+def write_run_config(model_path: Path, overrides: dict | None = None) -> None:
+    """config.yaml beside a `write_tiny_run` model, as training writes it (the same overrides)."""
+    from keras_ham.config import load_config
+    from keras_ham.runs import RunFolder
+
+    config = load_config(overrides={"weights": None, "image_size": 32, "model": "resnet18", **(overrides or {})})
+    RunFolder.of_model(model_path).config.write_text(config.to_yaml(), encoding="utf-8")
+
+
+def evaluate_tiny_model(model_path: Path, tiny_demo) -> dict:
+    """The real evaluation of a model on the tiny demo's test split (writes eval_test/)."""
+    from keras_ham.evaluate import evaluate
+
+    data, splits = tiny_demo
+    return evaluate(model_path, splits / "test.csv", image_dirs=[data], bootstrap=0, log=lambda message: None)
+
+
+def train_and_evaluate_tiny_run(tiny_demo, root: Path, name: str = "x") -> tuple[Path, dict]:
+    """What `scripts/train.py --evaluate` writes, from the real writers: a tiny 2-epoch training
+    into <root>/runs/<name>/ and its evaluation on the test split (eval_test/). Returns the run
+    folder and the evaluation's metrics."""
+    from conftest import tiny_config
+    from keras_ham.device import DeviceChoice
+    from keras_ham.evaluate import evaluate
+    from keras_ham.train import train
+
+    config = tiny_config(tiny_demo, root, run_name=name, max_epochs=2)
+    result = train(config, device=DeviceChoice("cpu", "cpu", "test"), log=lambda message: None, verbose=0)
+    metrics = evaluate(result.run_dir / "best.keras", config.test_csv, image_dirs=config.image_dirs,
+                       bootstrap=100, log=lambda message: None)
+    return result.run_dir, metrics
 
 
 def image_bytes(mode: str = "RGB", size=(60, 45), fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -90,10 +86,14 @@ def image_bytes(mode: str = "RGB", size=(60, 45), fmt: str = "PNG", seed: int = 
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("dash") / "runs"
-    write_tiny_run(runs, "x")
-    return runs
+def trained_run(tiny_demo, tmp_path_factory) -> tuple[Path, dict]:
+    return train_and_evaluate_tiny_run(tiny_demo, tmp_path_factory.mktemp("dash"))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(trained_run) -> Path:
+    """The runs folder holding run "x", as training and evaluation wrote it."""
+    return trained_run[0].parent
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,10 @@ def test_card_from_upload_predicts_and_explains(bundle):
     # the same path as Predictor on the file decoded by load_image
     from keras_ham.images import load_image
 
-    expected = bundle.predictor.predict(load_image(image_bytes(size=(600, 450)), 32)[None].astype(np.float32))[0]
+    from keras_ham.predict import Predictor
+
+    predictor = Predictor(bundle.gradcam.model, batch_size=1)
+    expected = predictor.predict(load_image(image_bytes(size=(600, 450)), 32)[None].astype(np.float32))[0]
     np.testing.assert_allclose(card.probabilities, expected, rtol=1e-5, atol=1e-6)
     assert card.predicted_name == CLASS_NAMES[int(np.argmax(expected))]
     # the predicted class's cam at the default layer comes with the card
@@ -345,16 +348,47 @@ def test_session_cards_add_remove_clear():
 # --------------------------------------------------------------------------- run report
 
 
-def test_run_report_reads_history_metrics_config_and_summary(tiny_runs):
-    report = logic.load_run_report(tiny_runs / "x")
+def test_run_report_reads_history_metrics_config_and_summary(trained_run):
+    """The report of what the real train() and evaluate() wrote: the consumer and the producers
+    of the run folder cannot drift apart without this failing."""
+    run, metrics = trained_run
+    report = logic.load_run_report(run)
     assert report.problems == []
-    assert list(report.history["epoch"]) == [1, 2, 3]
-    assert [column for column, _, _ in logic.history_series(report.history, "balanced_accuracy")] == [
-        "balanced_accuracy", "val_balanced_accuracy"]
-    assert report.evaluation_name == "eval_test" and report.metrics["balanced_accuracy"] == 0.42
+    assert list(report.history["epoch"]) == [1, 2]
+    for pair in logic.HISTORY_PAIRS:  # every curve the run tab draws has both lines with both epochs
+        series = logic.history_series(report.history, pair[0])
+        assert [column for column, _, _ in series] == list(pair)
+        assert all(epochs == [1.0, 2.0] for _, epochs, _ in series)
+    assert report.evaluation_name == "eval_test"
+    assert report.metrics["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
     assert "image_size: 32" in report.config_text
-    assert report.summary["device"] == "cpu"
-    np.testing.assert_allclose(logic.row_normalised(report.metrics["confusion_matrix"]).sum(axis=1), 1.0)
+    assert report.summary["device"] == "cpu" and report.summary["best_epoch"] in (1, 2)
+    present = [row for row in report.metrics["confusion_matrix"] if sum(row) > 0]
+    np.testing.assert_allclose(logic.row_normalised(present).sum(axis=1), 1.0)
+    assert report.metrics["class_names"] == list(CLASS_NAMES)
+    assert set(report.metrics["confidence_intervals"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "level"}
+
+
+def test_model_bundle_reads_the_labels_training_wrote(bundle):
+    assert bundle.class_names == CLASS_NAMES
+    assert bundle.full_names == CLASS_FULL_NAMES and bundle.descriptions == CLASS_DESCRIPTIONS
+
+
+def test_a_bad_labels_json_is_refused_naming_the_file(app_module, tiny_runs, tmp_path):
+    import shutil
+
+    from keras_ham.runs import LabelsError
+
+    run = tmp_path / "runs" / "bad"
+    shutil.copytree(tiny_runs / "x", run)
+    (run / "labels.json").write_text('{"class_names": ["a", "b"]}')
+    with pytest.raises(LabelsError, match=r"labels.json: 2 class names, but the model has 7 outputs"):
+        logic.ModelBundle(run / "best.keras")
+    (run / "labels.json").write_text('{"class_names": ' + json.dumps(list(CLASS_NAMES)) + ', "full_names": [1]}')
+    with pytest.raises(LabelsError, match=r"labels.json: \"full_names\" must be an object"):
+        logic.ModelBundle(run / "best.keras")
+    session = app_module.create_app(logic.DashboardOptions(tmp_path / "runs", run / "best.keras"))
+    assert session.bundle is None and "labels.json" in session.empty_note.object  # the page says which file
 
 
 def test_run_report_prefers_eval_test_and_reports_missing_files(tmp_path):
@@ -402,7 +436,7 @@ def test_app_layout_with_model_and_two_independent_sessions(app_module, tiny_run
     assert "uncertain" not in view.prediction.object
     assert "At 0.00, 100\u00a0% of test images" in first.threshold_text.object
     assert logic.DEMO_NOTICE not in view.prediction.object  # a split-trained model: no demo notice
-    assert "not calibrated" in view.prediction.object
+    assert html.escape(app_module.calibration_note(bundle)) in view.prediction.object
     before = view.gradcam.object
     view.opacity.value = 0.9
     assert view.gradcam.object != before
@@ -518,35 +552,45 @@ def test_upload_widget_reassembles_chunks_and_refuses_oversized_files(app_module
     assert len(session.grid.objects) == 3 and upload._parts == {}
 
 
-def test_training_data_says_demo_or_split(tmp_path):
-    demo = write_tiny_run(tmp_path / "runs", "demo", overrides={"demo_data": "data/demo",
-                                                                "train_csv": "data/demo/processed/train.csv"})
-    real = write_tiny_run(tmp_path / "runs", "real")
+def test_training_data_says_demo_or_split(trained_run, tmp_path):
+    demo = write_tiny_run(tmp_path / "runs", "demo")
+    write_run_config(demo, {"demo_data": "data/demo", "train_csv": "data/demo/processed/train.csv"})
     demo_data = logic.training_data(demo.parent)
     assert demo_data.is_demo and "synthetic demo images" in demo_data.text
-    real_data = logic.training_data(real.parent)
-    assert real_data.kind == "split" and "data/processed/train.csv" in real_data.text
-    (real.parent / "config.yaml").unlink()
-    assert logic.training_data(real.parent).kind == "unknown"
+    run_dir, _metrics = trained_run  # what training wrote: a split, with its image count from summary.json
+    real_data = logic.training_data(run_dir)
+    train_images = json.loads((run_dir / "summary.json").read_text())["train_images"]
+    assert real_data.kind == "split" and f"{train_images} images from" in real_data.text
+    assert "train.csv" in real_data.text
+    bare = write_tiny_run(tmp_path / "runs", "bare")  # no config.yaml
+    assert logic.training_data(bare.parent).kind == "unknown"
 
 
-def test_threshold_text_comes_from_the_stored_evaluation(tmp_path):
+def test_threshold_text_comes_from_the_stored_evaluation(trained_run, bundle, tmp_path):
     from keras_ham.calibration import threshold_sentence
 
-    model = write_tiny_run(tmp_path / "runs", "x")
-    stored = json.loads((model.parent / "eval_test" / "metrics.json").read_text())["risk_coverage"]
-    text = logic.threshold_text(model, 0.6)
-    expected = threshold_sentence(stored, 0.6, "test")
+    run_dir, metrics = trained_run
+    model = run_dir / "best.keras"
+    stored = json.loads((run_dir / "eval_test" / "metrics.json").read_text())["risk_coverage"]
+    assert stored == json.loads(json.dumps(metrics["risk_coverage"]))
+    # The highest stored threshold at which some test images are still confident (0.00 keeps all).
+    threshold = max(row["threshold"] for row in stored["thresholds"] if row["kept"])
+    text = logic.threshold_text(model, threshold, bundle.temperature)
+    expected = threshold_sentence(stored, threshold, "test")
     assert text == expected[0].upper() + expected[1:]
     assert "of test images" in text and "balanced accuracy is" in text
-    assert "different temperature" in logic.threshold_text(model, 0.6, temperature=1.5)
-    assert "no numbers for a threshold of 0.61" in logic.threshold_text(model, 0.61)
-    bare = write_tiny_run(tmp_path / "runs", "bare", evaluation=False)
+    if threshold < 1.0:  # above it, none is confident, and the sentence says so
+        assert "none of the" in logic.threshold_text(model, round(threshold + 0.05, 2), bundle.temperature)
+    other = 1.5 if bundle.temperature is None else bundle.temperature * 2
+    assert "different temperature" in logic.threshold_text(model, threshold, temperature=other)
+    assert "no numbers for a threshold of 0.61" in logic.threshold_text(model, 0.61, bundle.temperature)
+    bare = write_tiny_run(tmp_path / "runs", "bare")
     assert "No stored evaluation" in logic.threshold_text(bare, 0.5)
 
 
 def test_app_marks_every_prediction_of_a_demo_model(app_module, tmp_path):
-    demo = write_tiny_run(tmp_path / "runs", "demo", overrides={"demo_data": "data/demo"})
+    demo = write_tiny_run(tmp_path / "runs", "demo")
+    write_run_config(demo, {"demo_data": "data/demo"})
     session = app_module.create_app(logic.DashboardOptions(tmp_path / "runs", demo))
     assert "kh-demo" in session.model_info.object and "synthetic demo images" in session.model_info.object
     assert session.bundle.ood is None and "No out-of-distribution threshold" in session.model_info.object

@@ -26,6 +26,7 @@ from keras_ham.gradcam import (
     parse_class,
 )
 from keras_ham.labels import CLASS_NAMES
+from keras_ham.runs import LabelsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "_gradcam_worker.py"
@@ -422,12 +423,12 @@ def test_overlay_bad_arguments(kwargs, message):
 def test_class_names_and_parse_class(tmp_path):
     model_path = tmp_path / "best.keras"
     assert load_class_names(model_path, 7) == CLASS_NAMES
-    with pytest.raises(GradCAMError, match="7 class names, but the model has 4"):
+    with pytest.raises(LabelsError, match="7 class names, but the model has 4"):
         load_class_names(model_path, 4)
     (tmp_path / "labels.json").write_text(json.dumps({"class_names": ["a", "b"]}))
     assert load_class_names(model_path, 2) == ("a", "b")
     (tmp_path / "labels.json").write_text("{not json")
-    with pytest.raises(GradCAMError, match="labels.json"):
+    with pytest.raises(LabelsError, match="labels.json"):
         load_class_names(model_path, 2)
     assert parse_class("mel", CLASS_NAMES) == 4
     assert parse_class("6", CLASS_NAMES) == 6

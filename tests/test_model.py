@@ -152,3 +152,94 @@ def test_batchnorm_momentum_setting_reaches_every_backbone_batchnorm_and_survive
     assert loaded.get_layer("conv1_bn").momentum == 0.9
     default = build_model(load_config(overrides={**TINY, "model": "resnet18"}))
     assert default.get_layer("conv1_bn").momentum == 0.99
+
+
+# --------------------------------------------------------------------------- backbone registry
+
+
+def test_every_backbone_is_a_config_choice_with_its_gradcam_layer():
+    from keras_ham.backbones import BACKBONES
+    from keras_ham.config import FIELD_HELP, MODELS
+
+    assert MODELS == tuple(BACKBONES) and all(name in FIELD_HELP["model"] for name in BACKBONES)
+    for name, backbone in BACKBONES.items():
+        model = build_model(load_config(overrides={**TINY, "model": name}))
+        assert backbone.gradcam_layer in [layer.name for layer in model.layers], name
+        assert model.get_layer(backbone.preprocessing.layer_name) in model.layers
+        assert backbone_layers(model)[0] is not model.get_layer(backbone.preprocessing.layer_name)
+
+
+@pytest.fixture(scope="module")
+def efficientnet():
+    return build_model(load_config(overrides={**TINY, "model": "efficientnetb0", "image_size": 64}))
+
+
+def _normalized(model, x):
+    """What the EfficientNet stem sees: the output of keras.applications' Normalization layer."""
+    layer = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
+    return keras.ops.convert_to_numpy(keras.Model(model.inputs[0], layer.output)(x, training=False))
+
+
+def test_efficientnetb0_standardises_like_keras_applications_with_imagenet_weights(efficientnet):
+    x = images(2, size=64, seed=3)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    # keras.applications EfficientNet, weights='imagenet': Rescaling(1/255), Normalization with the
+    # file's ImageNet mean and variance (std**2), then Rescaling(1/sqrt(std)).
+    expected = (x / 255.0 - np.array([0.485, 0.456, 0.406])) / std / np.sqrt(std)
+    np.testing.assert_allclose(_normalized(efficientnet, x), expected, atol=1e-4)
+    assert efficientnet.layers[-4].name == "avg_pool" and efficientnet.get_layer("top_activation")
+    assert 4e6 < efficientnet.count_params() < 4.1e6  # EfficientNetB0 without its top: 4.05 M
+
+
+def test_efficientnetb0_weights_file_sets_backbone_and_its_standardisation(tmp_path):
+    """The ImageNet code path with a local keras.applications weights file (no download here)."""
+    source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    kernel = source.get_layer("stem_conv").get_weights()
+    kernel[0] = np.full_like(kernel[0], 0.0123)
+    source.get_layer("stem_conv").set_weights(kernel)
+    normalization = next(layer for layer in source.layers if isinstance(layer, keras.layers.Normalization))
+    mean, variance = np.array([0.5, 0.4, 0.3], "float32"), np.array([0.04, 0.09, 0.01], "float32")
+    normalization.set_weights([mean, variance, np.array(0)][: len(normalization.get_weights())])
+    path = tmp_path / "efficientnetb0_notop.weights.h5"
+    source.save_weights(path)
+    model = build_model(load_config(overrides={**TINY, "model": "efficientnetb0", "weights": str(path)}))
+    np.testing.assert_allclose(model.get_layer("stem_conv").get_weights()[0], 0.0123)
+    x = images(1, seed=4)  # a weights file (not 'imagenet'): keras.applications adds no extra rescaling
+    np.testing.assert_allclose(_normalized(model, x), (x / 255.0 - mean) / np.sqrt(variance), atol=1e-4)
+
+
+def test_efficientnetb0_gradcam_default_layer_and_choices(efficientnet):
+    from keras_ham.gradcam import GradCAM, default_layer_name, layer_choices
+
+    assert default_layer_name(efficientnet) == "top_activation"
+    choices = layer_choices(efficientnet)
+    assert [size for _, size in choices] == [(2, 2), (4, 4), (8, 8)]  # 64 px: stages at /32, /16, /8
+    assert choices[0][0] == "top_activation" and not any("_se_" in name for name, _ in choices)
+    for name, _ in choices:
+        result = GradCAM(efficientnet, layer_name=name).cam(images(2, size=64))
+        assert result.heatmaps.shape == (2, 64, 64) and np.all(np.isfinite(result.heatmaps))
+
+
+def test_efficientnetb0_trains_on_the_demo_and_loads_in_safe_mode_on_tensorflow(tiny_demo, tmp_path):
+    from conftest import tiny_config
+    from keras_ham.train import train
+
+    config = tiny_config(tiny_demo, tmp_path, model="efficientnetb0", max_epochs=1)
+    result = train(config, log=lambda message: None, verbose=0)
+    assert result.epochs_run == 1 and np.isfinite(result.best_score)
+    model = load_classifier(result.run_dir / "best.keras")
+    x = images(3, seed=6)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_allclose(expected.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probabilities_on_tensorflow(result.run_dir / "best.keras", x, tmp_path), expected,
+                               atol=1e-4)
+
+
+def test_predictor_on_efficientnetb0_equals_keras(efficientnet):
+    """Evaluation and `predict` run models through Predictor: its torch graph (or its Keras
+    fallback for layers without a torch form) must give the model's own probabilities."""
+    from keras_ham.predict import Predictor
+
+    x = images(3, size=64, seed=8)
+    expected = keras.ops.convert_to_numpy(efficientnet(x, training=False))
+    np.testing.assert_allclose(Predictor(efficientnet, batch_size=2).predict(x), expected, atol=1e-5)

@@ -18,9 +18,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TRAIN_ONCE = """
-import json, sys
+import json
 from pathlib import Path
-sys.path[:0] = [{tests!r}, {root!r}]
 import torch
 from conftest import tiny_config
 from keras_ham.train import train
@@ -34,10 +33,11 @@ def train_in_subprocess(tiny_demo, out, threads: int, repo_root) -> tuple[pd.Dat
     import pathlib
 
     data, splits = tiny_demo
-    code = TRAIN_ONCE.format(tests=str(repo_root / "tests"), root=str(repo_root), data=str(data), splits=str(splits),
-                             out=str(out))
+    code = TRAIN_ONCE.format(data=str(data), splits=str(splits), out=str(out))
     env = {**os.environ, "KERAS_BACKEND": "torch", "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    # run in tests/ so that `conftest` imports (keras_ham is installed: pip install -e .)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=repo_root / "tests")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     run = pathlib.Path(report["run"])

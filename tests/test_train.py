@@ -56,8 +56,7 @@ def test_finished_run_is_never_overwritten(tiny_demo, tmp_path):
 
 
 KILL_DURING_EPOCH = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
+import os, signal
 import keras
 from keras_ham.config import load_config
 from keras_ham.train import train
@@ -77,7 +76,7 @@ def test_resume_after_kill_9_continues_from_the_interrupted_epoch(tiny_demo, tmp
     config = tiny_config(tiny_demo, tmp_path, max_epochs=4, run_name="resumed")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(config.to_yaml())
-    code = KILL_DURING_EPOCH.format(tests=os.path.dirname(__file__), kill_epoch=2, config=str(config_file))
+    code = KILL_DURING_EPOCH.format(kill_epoch=2, config=str(config_file))
     killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

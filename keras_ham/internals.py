@@ -1,0 +1,161 @@
+"""Every use of a private Keras or Panel attribute, each behind one small function.
+
+Nothing else in keras-ham touches a private attribute of a library. Private attributes can
+change in any release, so requirements bound Keras to the tested minor versions (see
+README "Installing") and `tests/test_internals.py` calls each function here on the installed
+versions. When an attribute is gone, the function raises `LibraryInternalsError` naming the
+attribute, the library version found and the tested range, rather than failing somewhere
+deep inside a forward pass.
+
+No library is imported at module level: `keras_ham.device` uses this module before Keras is
+imported (Keras reads its device once, at import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+from keras_ham.errors import KerasHamError
+
+#: The Keras versions these functions are tested with (requirements.txt says the same).
+TESTED_KERAS = ">=3.14,<3.16"
+#: The Panel versions `drop_panel_fast_theme_fonts` is tested with.
+TESTED_PANEL = ">=1.5"
+
+
+class LibraryInternalsError(KerasHamError, RuntimeError):
+    """A private attribute keras-ham relies on is missing from the installed library."""
+
+
+def _version(library: str) -> str:
+    module = sys.modules.get(library)
+    return str(getattr(module, "__version__", "unknown")) if module is not None else "not imported"
+
+
+def _missing(attribute: str, library: str, tested: str, error: Exception | None = None) -> LibraryInternalsError:
+    detail = f" ({type(error).__name__}: {error})" if error is not None else ""
+    return LibraryInternalsError(
+        f"{attribute} is missing from {library} {_version(library)}{detail}; keras-ham uses this private "
+        f"attribute and is tested with {library}{tested}. Install a tested version, e.g. "
+        f"pip install '{library}{tested}'."
+    )
+
+
+# --------------------------------------------------------------------------- keras: device, TensorFlow probe
+
+
+def imported_keras_torch_device() -> str | None:
+    """The device Keras's torch backend placed everything on, when Keras is already imported
+    on that backend (`keras.src.backend.torch.core.DEFAULT_DEVICE`); None when it is not.
+
+    Keras reads KERAS_TORCH_DEVICE once, at import; this tells whether that already happened.
+    """
+    core = sys.modules.get("keras.src.backend.torch.core")
+    if core is None:
+        return None
+    try:
+        return str(core.DEFAULT_DEVICE)
+    except AttributeError as error:
+        raise _missing("keras.src.backend.torch.core.DEFAULT_DEVICE", "keras", TESTED_KERAS, error) from None
+
+
+@contextlib.contextmanager
+def tensorflow_reported_unavailable() -> Iterator[bool]:
+    """Inside the block, Keras's lazy `tensorflow` module says TensorFlow is not installed,
+    if nobody has probed it yet (its private `_available` is None); yields whether it did.
+
+    Keras asks that module whether TensorFlow is available (which imports it) when seeding
+    and saving, whatever the backend; see `keras_ham.device.keras_without_tensorflow`.
+    """
+    try:
+        from keras.src.utils.module_utils import tensorflow as lazy_tensorflow
+    except ImportError as error:
+        raise _missing("keras.src.utils.module_utils.tensorflow", "keras", TESTED_KERAS, error) from None
+    if not hasattr(lazy_tensorflow, "_available"):
+        raise _missing("keras.src.utils.module_utils.tensorflow._available (LazyModule)", "keras", TESTED_KERAS)
+    if lazy_tensorflow._available is not None:  # already probed (or imported): leave it alone
+        yield False
+        return
+    lazy_tensorflow._available = False
+    try:
+        yield True
+    finally:
+        lazy_tensorflow._available = None  # probed normally the next time anyone asks
+
+
+# --------------------------------------------------------------------------- keras: optimizer
+
+
+def per_variable_optimizer(optimizer_class: type) -> type:
+    """A subclass of a Keras optimizer that updates one variable at a time.
+
+    Keras's torch optimizers override `BaseOptimizer._backend_update_step` and
+    `_apply_weight_decay` with fused `torch._foreach_*` kernels, which DirectML lacks; the
+    subclass calls the generic per-variable versions of `BaseOptimizer` instead.
+    """
+    try:
+        from keras.src.optimizers.base_optimizer import BaseOptimizer
+    except ImportError as error:
+        raise _missing("keras.src.optimizers.base_optimizer.BaseOptimizer", "keras", TESTED_KERAS, error) from None
+    for name in ("_backend_update_step", "_apply_weight_decay"):
+        if not callable(getattr(BaseOptimizer, name, None)) or not hasattr(optimizer_class, name):
+            raise _missing(f"BaseOptimizer.{name}", "keras", TESTED_KERAS)
+
+    class PerVariable(optimizer_class):
+        def _backend_update_step(self, grads, trainable_variables, learning_rate):
+            BaseOptimizer._backend_update_step(self, grads, trainable_variables, learning_rate)
+
+        def _apply_weight_decay(self, variables):
+            BaseOptimizer._apply_weight_decay(self, variables)
+
+    PerVariable.__name__ = PerVariable.__qualname__ = f"PerVariable{optimizer_class.__name__}"
+    PerVariable.__doc__ = f"{optimizer_class.__name__} updating one variable at a time (no fused `_foreach` kernels)."
+    return PerVariable
+
+
+# --------------------------------------------------------------------------- keras: functional graph
+
+
+def nodes_deepest_first(model) -> list:
+    """The nodes of a functional model in execution order: inputs first (the deepest depth),
+    the output last (`Functional._nodes_by_depth`)."""
+    try:
+        by_depth = model._nodes_by_depth
+    except AttributeError as error:
+        raise _missing("Functional._nodes_by_depth", "keras", TESTED_KERAS, error) from None
+    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+def call_takes_training(operation) -> bool:
+    """Whether a layer's `call` receives the `training` flag (`Layer._call_context_args`)."""
+    try:
+        return "training" in operation._call_context_args
+    except AttributeError as error:
+        raise _missing("Layer._call_context_args", "keras", TESTED_KERAS, error) from None
+
+
+def producing_operation(tensor):
+    """The layer (operation) that produced a symbolic Keras tensor (`KerasTensor._keras_history`)."""
+    try:
+        return tensor._keras_history.operation
+    except AttributeError as error:
+        raise _missing("KerasTensor._keras_history.operation", "keras", TESTED_KERAS, error) from None
+
+
+# --------------------------------------------------------------------------- panel
+
+
+def drop_panel_fast_theme_fonts() -> None:
+    """Remove the web-font stylesheet (Google Fonts) from Panel's Fast design
+    (`panel.theme.Fast._resources["font"]`), so the page contacts no third party."""
+    import panel as pn
+
+    try:
+        resources = pn.theme.Fast._resources
+    except AttributeError as error:
+        raise _missing("panel.theme.Fast._resources", "panel", TESTED_PANEL, error) from None
+    if not isinstance(resources, dict):
+        raise _missing("panel.theme.Fast._resources (a dict)", "panel", TESTED_PANEL)
+    pn.theme.Fast._resources = {kind: value for kind, value in resources.items() if kind != "font"}
