@@ -258,6 +258,9 @@ def prediction_html(card: logic.ImageCard, threshold: float) -> str:
 
 
 def calibration_note(bundle: logic.ModelBundle) -> str:
+    if bundle.temperature is None and bundle.calibration_skipped:
+        return (f"Probabilities: the model's softmax, not calibrated: temperature scaling was skipped "
+                f"({bundle.calibration_skipped}).")
     if bundle.temperature is None:
         return "Probabilities: the model's softmax, not calibrated (no temperature in this model)."
     return (f"Probabilities calibrated by temperature scaling (T = {bundle.temperature:.3f}, fitted on the "

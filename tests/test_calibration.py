@@ -5,13 +5,16 @@ import pytest
 
 from keras_ham.calibration import (
     ECE_BINS,
+    TEMPERATURE_BOUNDS,
     calibration_metrics,
     calibration_values,
     fit_temperature,
     format_calibration,
+    nll_minimum_side,
     reliability_bins,
     risk_coverage,
     softmax,
+    temperature_report,
     threshold_sentence,
 )
 from keras_ham.metrics import bootstrap_weights
@@ -124,6 +127,40 @@ def test_fit_is_bounded():
     assert fit_temperature(separable, y_true) == pytest.approx(0.05, rel=1e-3)  # wants T -> 0
     with pytest.raises(ValueError, match="no images"):
         fit_temperature(np.zeros((0, 2)), np.zeros(0, dtype=int))
+
+
+def test_a_temperature_at_a_bound_is_not_applied():
+    """A separable fit set (every image right) has no interior NLL minimum: T is not applied."""
+    y_true = np.repeat(np.arange(7), 10)
+    separable = np.random.default_rng(0).normal(size=(70, 7)) + 8.0 * np.eye(7)[y_true]
+    assert (separable.argmax(axis=1) == y_true).all()
+    report = temperature_report(separable, y_true, source="val.csv")
+    assert report["at_bound"] and not report["applied"] and report["temperature"] is None
+    assert report["fitted_temperature"] < 1.0  # somewhere on the flat, near-zero NLL towards T -> 0
+    assert nll_minimum_side(separable, y_true) == "low"
+    assert report["skipped"].startswith("validation NLL has no interior minimum: the validation split is separable")
+    assert report["after"] == report["before"]  # the model is kept as it is
+    assert report["at_fitted_temperature"]["nll"] < report["before"]["nll"]  # what the fit would have "gained"
+    forced = temperature_report(separable, y_true, allow_bound=True)
+    assert forced["applied"] and forced["skipped"] is None
+    assert forced["temperature"] == forced["fitted_temperature"] == report["fitted_temperature"]
+    # Logits pointing away from the true class: the NLL falls as T grows, to the upper bound.
+    backwards = temperature_report(-3.0 * np.eye(7)[y_true], y_true)
+    assert not backwards["applied"] and backwards["fitted_temperature"] == pytest.approx(TEMPERATURE_BOUNDS[1], rel=1e-3)
+    assert "no interior minimum" in backwards["skipped"] and "grows" in backwards["skipped"]
+    # One error is enough for an interior minimum.
+    one_wrong = separable.copy()
+    one_wrong[0] = 8.0 * np.eye(7)[1]
+    assert nll_minimum_side(one_wrong, y_true) is None
+
+
+def test_an_interior_temperature_is_applied():
+    logits, y_true, _ = sampled_case(0, 5000)
+    report = temperature_report(logits * 2.5, y_true)
+    assert report["applied"] and not report["at_bound"] and report["skipped"] is None
+    assert report["temperature"] == report["fitted_temperature"] == pytest.approx(2.5, rel=0.1)
+    assert report["after"]["nll"] < report["before"]["nll"] and "at_fitted_temperature" not in report
+    assert nll_minimum_side(logits * 2.5, y_true) is None
 
 
 def hand_made_case():

@@ -588,6 +588,21 @@ def test_threshold_text_comes_from_the_stored_evaluation(trained_run, bundle, tm
     assert "No stored evaluation" in logic.threshold_text(bare, 0.5)
 
 
+def test_calibration_note_says_why_a_fitted_temperature_was_not_applied(app_module, bundle, tmp_path):
+    from keras_ham.calibration import SKIPPED_AT_BOUND
+    from keras_ham.runs import RunFolder
+
+    assert bundle.calibration_skipped is None  # the trained run: calibrated, or nothing recorded
+    model = write_tiny_run(tmp_path / "runs", "skipped")
+    # The record keras_ham.calibration.fit_on_validation returns for summary.json (see test_temperature.py).
+    RunFolder.of_model(model).summary.write_text(json.dumps(
+        {"calibration": {"applied": False, "temperature": None, "skipped": SKIPPED_AT_BOUND["low"]}}))
+    skipped = logic.ModelBundle(model)
+    assert skipped.temperature is None and skipped.calibration_skipped == SKIPPED_AT_BOUND["low"]
+    note = app_module.calibration_note(skipped)
+    assert "not calibrated: temperature scaling was skipped" in note and "separable" in note
+
+
 def test_app_marks_every_prediction_of_a_demo_model(app_module, tmp_path):
     demo = write_tiny_run(tmp_path / "runs", "demo")
     write_run_config(demo, {"demo_data": "data/demo"})

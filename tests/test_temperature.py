@@ -43,8 +43,11 @@ def test_calibrate_file_writes_a_new_portable_model_with_the_same_argmax(uncalib
     original = result.run_dir / "best.keras"
     original_bytes = original.read_bytes()
     messages = []
+    # allow_bound: a 1-epoch model's logits say little about its 16 validation images, so the fit
+    # may end at a bound (refused by default: test_a_temperature_at_its_bound_is_...); this test is
+    # about the file written.
     out, report = calibrate_file(original, config.val_csv, image_dirs=config.image_dirs,
-                                 out_path=tmp_path / "calibrated.keras", log=messages.append)
+                                 out_path=tmp_path / "calibrated.keras", allow_bound=True, log=messages.append)
     assert original.read_bytes() == original_bytes  # the original is untouched
     assert report["after"]["nll"] <= report["before"]["nll"] + 1e-9  # the fit minimises validation NLL
     assert "T = " in messages[0]
@@ -69,7 +72,7 @@ def test_calibrate_file_writes_a_new_portable_model_with_the_same_argmax(uncalib
     with pytest.raises(KerasHamError, match="exists"):
         calibrate_file(out, config.val_csv, image_dirs=config.image_dirs, out_path=out)
     again, report2 = calibrate_file(out, config.val_csv, image_dirs=config.image_dirs,
-                                    out_path=tmp_path / "again.keras", log=lambda m: None)
+                                    out_path=tmp_path / "again.keras", allow_bound=True, log=lambda m: None)
     assert report2["temperature"] == pytest.approx(report["temperature"], rel=1e-6)
     names = [layer.name for layer in load_classifier(again).layers]
     assert names.count(TEMPERATURE_LAYER) == 1
@@ -90,7 +93,14 @@ def test_training_calibrates_best_keras_and_records_it(tiny_demo, tmp_path):
     assert set(stored["before"]) == set(stored["after"]) >= {"ece", "nll"}
     assert stored["after"]["nll"] <= stored["before"]["nll"] + 1e-9
     model = load_classifier(result.run_dir / "best.keras")
-    assert model_temperature(model) == pytest.approx(stored["temperature"], rel=1e-6)
+    # Either outcome of a real fit keeps summary.json and best.keras consistent (each outcome
+    # is forced in test_a_temperature_at_its_bound_is_neither_built_in_nor_written).
+    if stored["applied"]:
+        assert model_temperature(model) == pytest.approx(stored["temperature"], rel=1e-6)
+        assert stored["temperature"] == stored["fitted_temperature"] and stored["skipped"] is None
+    else:
+        assert model_temperature(model) is None and stored["temperature"] is None
+        assert "no interior minimum" in stored["skipped"] and stored["after"] == stored["before"]
     ood = json.loads((result.run_dir / "summary.json").read_text())["ood"]
     assert ood["score"] == "energy" and ood["false_alarm_rate"] == 0.05
     assert ood["flagged_on_fit"] <= 0.05 and ood["num_images"] == stored["num_images"]
@@ -103,3 +113,44 @@ def test_calibrate_script_refuses_to_overwrite(uncalibrated_run, repo_root, tmp_
                           "--out", str(result.run_dir / "best.keras")], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "never overwrites" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_temperature_at_its_bound_is_neither_built_in_nor_written(uncalibrated_run, tmp_path, monkeypatch):
+    """Training keeps best.keras as trained and says why; calibrate_file refuses (scripts: exit 2)."""
+    import shutil
+
+    import keras_ham.calibration as calibration
+    from keras_ham.calibration import fit_on_validation
+    from keras_ham.dataset import dataset_from_split_csv
+
+    result, config = uncalibrated_run
+    # As on a validation split without errors (tested on real logits in test_calibration.py).
+    monkeypatch.setattr(calibration, "fit_temperature", lambda logits, y_true: calibration.TEMPERATURE_BOUNDS[0])
+    run_dir = shutil.copytree(result.run_dir, tmp_path / "run")
+    untouched = shutil.copytree(result.run_dir, tmp_path / "run2")
+    original_bytes = (run_dir / "best.keras").read_bytes()
+    messages = []
+    val_data = dataset_from_split_csv(config.val_csv, config, training=False)
+    fitted = fit_on_validation(run_dir, config.replace(calibrate=True), val_data, log=messages.append)
+    report = fitted["calibration"]
+    assert not report["applied"] and report["temperature"] is None and report["fitted_temperature"] == 0.05
+    assert "no interior minimum" in report["skipped"] and report["after"] == report["before"]
+    assert (run_dir / "best.keras").read_bytes() == original_bytes
+    assert any(m.startswith("warning: temperature scaling skipped") for m in messages)
+    assert fitted["ood"]["num_images"] == report["num_images"]  # the OOD threshold is still set
+
+    with pytest.raises(KerasHamError, match="no interior minimum.*--allow-bound"):
+        calibrate_file(run_dir / "best.keras", config.val_csv, image_dirs=config.image_dirs,
+                       out_path=tmp_path / "refused.keras", log=lambda m: None)
+    assert not (tmp_path / "refused.keras").exists()
+    out, forced = calibrate_file(run_dir / "best.keras", config.val_csv, image_dirs=config.image_dirs,
+                                 out_path=tmp_path / "forced.keras", allow_bound=True, log=lambda m: None)
+    assert forced["applied"] and forced["at_bound"]
+    assert model_temperature(load_classifier(out)) == pytest.approx(0.05, rel=1e-6)
+
+    # An interior minimum (as on a split with errors): best.keras is rewritten with T built in.
+    monkeypatch.setattr(calibration, "fit_temperature", lambda logits, y_true: 1.7)
+    monkeypatch.setattr(calibration, "nll_minimum_side", lambda logits, y_true: None)
+    applied = fit_on_validation(untouched, config.replace(calibrate=True), val_data, log=lambda m: None)
+    assert applied["calibration"]["applied"] and applied["calibration"]["temperature"] == 1.7
+    assert model_temperature(load_classifier(untouched / "best.keras")) == pytest.approx(1.7, rel=1e-6)
