@@ -144,6 +144,32 @@ def producing_operation(tensor):
         raise _missing("KerasTensor._keras_history.operation", "keras", TESTED_KERAS, error) from None
 
 
+@contextlib.contextmanager
+def keras_torch_conv_inputs_as_views() -> Iterator[None]:
+    """Inside the block, Keras's torch convolutions take a permuted NHWC view as their NCHW
+    input instead of a contiguous copy (`keras.src.backend.torch.nn._transpose_spatial_inputs`).
+
+    For the benchmark's diagnosis only (how much of Keras-on-torch inference time the layout
+    copies cost); nothing in the library uses it.
+    """
+    import torch
+    from keras.src.backend.torch import nn as keras_torch_nn
+
+    try:
+        original = keras_torch_nn._transpose_spatial_inputs
+    except AttributeError as error:
+        raise _missing("keras.src.backend.torch.nn._transpose_spatial_inputs", "keras", TESTED_KERAS, error) from None
+
+    def without_copy(inputs):  # the permuted NHWC view is already channels_last: no copy needed
+        return torch.permute(inputs, (0, 3, 1, 2)) if inputs.ndim == 4 else original(inputs)
+
+    keras_torch_nn._transpose_spatial_inputs = without_copy
+    try:
+        yield
+    finally:
+        keras_torch_nn._transpose_spatial_inputs = original
+
+
 # --------------------------------------------------------------------------- panel
 
 

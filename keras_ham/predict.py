@@ -1,16 +1,11 @@
 """The prediction path of evaluation and the `predict` script (the dashboard takes its
 probabilities from the Grad-CAM pass, which runs the same model with training=False).
 
-On the torch backend (CPU or CUDA) the model runs as a `TorchInferenceGraph`: the same
-Keras graph executed with plain torch ops under `torch.inference_mode()`, with every
-BatchNormalization folded into the convolution before it. On a 2-core CPU this ran a
-ResNet50 2.4-2.6x faster than calling the Keras model (batch 32, 128 and 224 px; measured
-with `scripts/bench.py`, see README "Performance"). At 128 px: the Keras call 41.6 images/s;
-without the two copies Keras's torch `conv` makes of each activation (NHWC -> contiguous
-NCHW -> channels_last) 54.4; as plain torch ops 87.2; with BatchNorm folded 97.9. The graph
-is checked against the Keras model on a probe image when the Predictor is built, and any
-layer without a torch form runs through Keras itself. Elsewhere (other devices or
-backends) it uses `predict_on_batch`.
+`Predictor` runs the model with the fastest engine that reproduces it (README "Performance"):
+ONNX Runtime on the model's ONNX export when one sits beside the `.keras` file (measured 5.1x
+the torch graph on a 2-core CPU), else on the torch backend (CPU or CUDA) a
+`keras_ham.torch_graph.TorchInferenceGraph`, else Keras itself (`predict_on_batch`). A fast
+engine is checked against the Keras model on a probe image before it is used.
 """
 
 from __future__ import annotations
@@ -24,9 +19,9 @@ import keras
 import numpy as np
 
 from keras_ham.images import IMAGE_EXTENSIONS, ImageError, load_image
-from keras_ham.internals import call_takes_training, nodes_deepest_first
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.model import load_classifier, model_image_size
+from keras_ham.torch_graph import GRAPH_CHECK_TOLERANCE, TorchInferenceGraph, model_device
 
 #: Test-time augmentation views: identity, horizontal, vertical and both flips.
 TTA_FLIPS = ((False, False), (False, True), (True, False), (True, True))
@@ -40,304 +35,76 @@ def _flip(images: np.ndarray, vertical: bool, horizontal: bool) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
-#: Layers that return their input unchanged at inference (training=False).
-_INFERENCE_IDENTITY = (
-    "Dropout",
-    "RandomFlip",
-    "RandomRotation",
-    "RandomZoom",
-    "RandomContrast",
-    "RandomTranslation",
-)
-#: Largest |difference| in probabilities tolerated between the graph and the Keras model.
-GRAPH_CHECK_TOLERANCE = 1e-4
-
-
-class TorchInferenceGraph:
-    """A Keras functional model executed with plain torch ops, for inference only.
-
-    Takes and returns torch tensors in Keras layout: images (N, H, W, C) float32 -> the
-    model's output. Activations stay NHWC-contiguous, which is torch's `channels_last`
-    memory format seen through a free `permute`, so convolutions run without the two
-    copies Keras's torch backend makes. BatchNormalization (moving statistics) folds into
-    the convolution that feeds it when nothing else reads that convolution's output;
-    ReLU and Add run in place on intermediates nothing else reads. Conv2D, Dense,
-    BatchNormalization, ReLU/softmax Activation, Add, ZeroPadding2D, MaxPooling2D (valid),
-    GlobalAveragePooling2D and the identity-at-inference layers have torch forms; any
-    other layer is called through Keras with training=False (named in `keras_layers`).
-
-    Weights are copied when the graph is built: rebuild it after changing the model.
-    """
-
-    def __init__(self, model: keras.Model, *, fold_batchnorm: bool = True):
-        if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise ValueError(f"{model.name}: TorchInferenceGraph needs one input and one output.")
-        self.keras_layers: list[str] = []
-        self.folded_batchnorms = 0
-        nodes = [
-            node
-            for node in nodes_deepest_first(model)
-            if node.operation is not None and not node.is_input
-        ]
-        uses: dict[int, int] = {}  # readers of each symbolic tensor (the model output counts)
-        for node in nodes:
-            for tensor in node.input_tensors:
-                uses[id(tensor)] = uses.get(id(tensor), 0) + 1
-        self._input = id(model.inputs[0])
-        self._output = id(model.outputs[0])
-        uses[self._output] = uses.get(self._output, 0) + 1
-        producers = {id(tensor): node for node in nodes for tensor in node.outputs}
-
-        fold_into: dict[int, object] = {}  # id(conv node) -> its BatchNormalization node
-        if fold_batchnorm:
-            for node in nodes:
-                if _is_channels_last_batchnorm(node):
-                    source = producers.get(id(node.input_tensors[0]))
-                    if (
-                        source is not None
-                        and _conv_form(source.operation)
-                        and source.operation.activation is keras.activations.linear
-                        and uses[id(node.input_tensors[0])] == 1
-                    ):
-                        fold_into[id(source)] = node
-        folded = {id(bn) for bn in fold_into.values()}
-
-        # In-place ops are safe on a buffer this graph made and nothing else reads. Identity
-        # layers pass their input's buffer on, so reads are counted per buffer, not per tensor.
-        buffer_of: dict[int, int] = {self._input: self._input}
-        owned: set[int] = set()
-        steps = []
-        for node in nodes:
-            if id(node) in folded:
-                continue
-            inputs = [id(tensor) for tensor in node.input_tensors]
-            outputs = [id(tensor) for tensor in node.outputs]
-            if id(node) in fold_into:
-                outputs = [id(fold_into[id(node)].outputs[0])]
-            function, kind = self._lower(node, fold_into.get(id(node)))
-            for tensor_id in outputs:
-                buffer_of[tensor_id] = buffer_of[inputs[0]] if kind == "identity" else tensor_id
-                if kind in ("fresh", "relu", "add"):
-                    owned.add(tensor_id)
-            steps.append([function, inputs, outputs, kind])
-        reads: dict[int, int] = {buffer_of[self._output]: 1}
-        for _, inputs, _, kind in steps:
-            if kind != "identity":
-                for tensor_id in inputs:
-                    reads[buffer_of[tensor_id]] = reads.get(buffer_of[tensor_id], 0) + 1
-        for step in steps:
-            function, inputs, _, kind = step
-            if kind in ("relu", "add"):
-                buffer = buffer_of[inputs[0]]
-                if buffer in owned and reads.get(buffer) == 1:
-                    step[0] = _inplace_relu if kind == "relu" else _inplace_add
-        # Drop each intermediate after its last reader, so memory holds a few activations at
-        # a time rather than all of them.
-        last_read = {tensor_id: index for index, (_, inputs, _, _) in enumerate(steps) for tensor_id in inputs}
-        self._steps = []
-        for index, (function, inputs, outputs, kind) in enumerate(steps):
-            release = tuple(t for t in dict.fromkeys(inputs) if last_read[t] == index and t != self._output)
-            self._steps.append((function, inputs, outputs, kind == "keras", release))
-
-    def _lower(self, node, batchnorm_node):
-        """(function of torch tensors, kind); kind: fresh | identity | relu | add | keras."""
-        import torch
-        import torch.nn.functional as F
-
-        operation = node.operation
-        name = type(operation).__name__
-        if _conv_form(operation):
-            kernel = _tensor(operation.kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW
-            bias = _tensor(operation.bias) if operation.use_bias else torch.zeros(kernel.shape[0], device=kernel.device)
-            if batchnorm_node is not None:
-                kernel, bias = _fold_batchnorm(kernel, bias, batchnorm_node.operation)
-                self.folded_batchnorms += 1
-            kernel = kernel.contiguous(memory_format=torch.channels_last)
-            return _conv_function(operation, kernel, bias), "fresh"
-        if _is_channels_last_batchnorm(node):
-            mean, variance = _tensor(operation.moving_mean), _tensor(operation.moving_variance)
-            gamma = _tensor(operation.gamma) if operation.scale else None
-            beta = _tensor(operation.beta) if operation.center else None
-            epsilon = float(operation.epsilon)
-
-            def batchnorm(x):
-                y = F.batch_norm(x.permute(0, 3, 1, 2), mean, variance, gamma, beta, False, 0.0, epsilon)
-                return y.permute(0, 2, 3, 1)
-
-            return batchnorm, "fresh"
-        if type(operation) is keras.layers.Activation and _float32(operation):
-            if operation.activation is keras.activations.relu:
-                return torch.relu, "relu"
-            if operation.activation is keras.activations.softmax:
-                return (lambda x: torch.softmax(x, dim=-1)), "fresh"
-        if type(operation) is keras.layers.Add and _float32(operation) and len(node.input_tensors) >= 2:
-            return _add, "add"
-        if type(operation) is keras.layers.ZeroPadding2D and operation.data_format == "channels_last":
-            (top, bottom), (left, right) = operation.padding
-            return (lambda x: F.pad(x, (0, 0, left, right, top, bottom))), "fresh"
-        if (
-            type(operation) is keras.layers.MaxPooling2D
-            and operation.data_format == "channels_last"
-            and operation.padding == "valid"
-        ):
-            pool, strides = tuple(operation.pool_size), tuple(operation.strides)
-            return (lambda x: F.max_pool2d(x.permute(0, 3, 1, 2), pool, strides).permute(0, 2, 3, 1)), "fresh"
-        if type(operation) is keras.layers.GlobalAveragePooling2D and operation.data_format == "channels_last":
-            keepdims = bool(operation.keepdims)
-            return (lambda x: x.mean(dim=(1, 2), keepdim=keepdims)), "fresh"
-        if type(operation) is keras.layers.Dense and _float32(operation) and operation.quantization_mode is None:
-            weight = _tensor(operation.kernel).T.contiguous()
-            bias = _tensor(operation.bias) if operation.use_bias else None
-            activation = operation.activation
-
-            def dense(x):
-                y = F.linear(x, weight, bias)
-                return y if activation is keras.activations.linear else activation(y)
-
-            return dense, "fresh"
-        if name in _INFERENCE_IDENTITY and type(operation) is getattr(keras.layers, name):
-            return (lambda x: x), "identity"
-        self.keras_layers.append(operation.name)
-
-        def through_keras(values, node=node, operation=operation):
-            args, kwargs = node.arguments.fill_in(values)
-            if call_takes_training(operation):
-                kwargs["training"] = False
-            return operation(*args, **kwargs)
-
-        return through_keras, "keras"
-
-    def __call__(self, images):
-        """Run under `torch.inference_mode()`; images (N, H, W, C) on the model's device."""
-        values = {self._input: images}
-        for function, inputs, outputs, through_keras, release in self._steps:
-            if through_keras:
-                results = function(values)
-                for tensor_id, value in zip(outputs, keras.tree.flatten(results)):
-                    values[tensor_id] = value
-            else:
-                values[outputs[0]] = function(*[values[i] for i in inputs])
-            for tensor_id in release:
-                del values[tensor_id]
-        return values[self._output]
-
-
-def model_device(model: keras.Model):
-    """The torch device holding the model's weights (where its inputs must go); None without weights."""
-    weights = model.weights
-    return weights[0].value.device if weights else None
-
-
-def _float32(layer) -> bool:
-    return getattr(layer, "compute_dtype", "float32") == "float32"
-
-
-def _conv_form(operation) -> bool:
-    return (
-        type(operation) is keras.layers.Conv2D
-        and operation.data_format == "channels_last"
-        and operation.padding in ("valid", "same")
-        and _float32(operation)
-        and operation.quantization_mode is None
-    )
-
-
-def _is_channels_last_batchnorm(node) -> bool:
-    operation = node.operation
-    if type(operation) is not keras.layers.BatchNormalization or not _float32(operation):
-        return False
-    if len(node.input_tensors) != 1 or len(node.input_tensors[0].shape) != 4:
-        return False
-    return operation.axis in (3, -1)
-
-
-def _tensor(variable):
-    """A detached copy of a Keras variable's torch value (on its device)."""
-    return variable.value.detach().clone()
-
-
-def _fold_batchnorm(kernel, bias, batchnorm):
-    """Conv (OIHW kernel, bias) followed by inference BatchNorm -> one conv's (kernel, bias)."""
-    import torch
-
-    scale = torch.rsqrt(_tensor(batchnorm.moving_variance) + batchnorm.epsilon)
-    if batchnorm.scale:
-        scale = scale * _tensor(batchnorm.gamma)
-    shift = -_tensor(batchnorm.moving_mean) * scale
-    if batchnorm.center:
-        shift = shift + _tensor(batchnorm.beta)
-    return kernel * scale[:, None, None, None], bias * scale + shift
-
-
-def _conv_function(operation, kernel, bias):
-    import torch.nn.functional as F
-
-    strides, dilation = tuple(operation.strides), tuple(operation.dilation_rate)
-    groups, size = int(operation.groups), tuple(operation.kernel_size)
-    same = operation.padding == "same"
-    activation = operation.activation
-
-    def conv(x):
-        x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW channels_last: no copy
-        padding = (0, 0)
-        if same:  # TensorFlow's "same": the odd pixel of padding goes after, as in Keras
-            pads = []
-            for axis in range(2):
-                length, stride = x.shape[2 + axis], strides[axis]
-                extent = (size[axis] - 1) * dilation[axis] + 1
-                total = max((-(-length // stride) - 1) * stride + extent - length, 0)
-                pads.append((total // 2, total - total // 2))
-            if pads[0][0] == pads[0][1] and pads[1][0] == pads[1][1]:
-                padding = (pads[0][0], pads[1][0])
-            else:
-                x = F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
-        y = F.conv2d(x, kernel, bias, strides, padding, dilation, groups).permute(0, 2, 3, 1)
-        return y if activation is keras.activations.linear else activation(y)
-
-    return conv
-
-
-def _add(*tensors):
-    total = tensors[0] + tensors[1]
-    for tensor in tensors[2:]:
-        total += tensor
-    return total
-
-
-def _inplace_add(*tensors):
-    total = tensors[0]
-    for tensor in tensors[1:]:
-        total += tensor
-    return total
-
-
-def _inplace_relu(x):
-    return x.relu_()
+def onnx_beside(model_path: str | os.PathLike) -> Path | None:
+    """The ONNX export beside a model file (best.keras -> best.onnx, as scripts/export.py
+    writes it) when it exists and is not older than the model; else None."""
+    model_path = Path(model_path)
+    onnx_path = model_path.with_suffix(".onnx")
+    if onnx_path.is_file() and model_path.is_file() and onnx_path.stat().st_mtime >= model_path.stat().st_mtime:
+        return onnx_path
+    return None
 
 
 class Predictor:
     """Class probabilities for batches of raw RGB images (N, S, S, 3), 0..255.
 
-    `fast_path` (torch backend on CPU or CUDA): run a `TorchInferenceGraph` built from the
-    model, after checking it matches the model on a probe image; when it does not (or
-    cannot be built) a warning says so and the model is called through Keras. The graph
-    copies the weights when the Predictor is built: make a new Predictor after changing
-    them. `self.fast_path` says which path is in use.
+    Engines, in order (`self.engine` says which is in use; `self.fast_path` is True for
+    either of the first two):
+      "onnxruntime"  with `onnx_path` (`from_file` finds the export beside the model, see
+                     `onnx_beside`) and onnxruntime installed, on the CPU;
+      "torch_graph"  torch backend on CPU or CUDA: a `TorchInferenceGraph` built from the model;
+      "keras"        the model called through Keras.
+    A fast engine is used only after it matched the Keras model on a probe image; when it does
+    not (or cannot be built) a warning says so and the next one is tried. The torch graph
+    copies the weights when the Predictor is built: make a new Predictor after changing them.
     """
 
-    def __init__(self, model: keras.Model, *, batch_size: int = 32, tta: bool = False, fast_path: bool = True):
+    def __init__(self, model: keras.Model, *, batch_size: int = 32, tta: bool = False, fast_path: bool = True,
+                 onnx_path: str | os.PathLike | None = None):
         self.model = model
         self.batch_size = batch_size
         self.tta = tta
         self.image_size = model_image_size(model)
         self._backend = keras.backend.backend()
         self._device = model_device(model) if self._backend == "torch" else None
-        self._graph = self._build_graph() if fast_path and self._backend == "torch" else None
-        self.fast_path = self._graph is not None
+        self._session = self._open_onnx(Path(onnx_path)) if fast_path and onnx_path is not None else None
+        use_graph = fast_path and self._session is None and self._backend == "torch"
+        self._graph = self._build_graph() if use_graph else None
+        self.engine = "onnxruntime" if self._session else "torch_graph" if self._graph else "keras"
+        self.fast_path = self.engine != "keras"
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> "Predictor":
+        """The model in `path`; with its ONNX export beside it (not older), ONNX Runtime runs it."""
+        kwargs.setdefault("onnx_path", onnx_beside(path))
         return cls(load_classifier(path), **kwargs)
+
+    def _probe(self) -> np.ndarray:
+        return np.random.default_rng(0).uniform(0, 255, (1, self.image_size, self.image_size, 3)).astype(np.float32)
+
+    def _open_onnx(self, path: Path):
+        if self._device is not None and self._device.type != "cpu":
+            return None  # the model is on an accelerator: the torch graph runs there
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            probe = self._probe()
+            received = session.run(None, {name: probe})[0]
+            expected = keras.ops.convert_to_numpy(self.model(probe, training=False))
+        except Exception as error:  # noqa: BLE001 - any failure means: try the next engine
+            warnings.warn(f"{path}: ONNX Runtime cannot run it ({error}); not using it.", stacklevel=3)
+            return None
+        difference = float(np.max(np.abs(expected - received))) if expected.shape == received.shape else np.inf
+        if not difference <= GRAPH_CHECK_TOLERANCE:
+            warnings.warn(f"{path}: differs from the Keras model by {difference:.3g} (> {GRAPH_CHECK_TOLERANCE}) on "
+                          "a probe image (an export of another model?); not using it.", stacklevel=3)
+            return None
+        self._onnx_input = name
+        return session
 
     def _build_graph(self) -> TorchInferenceGraph | None:
         import torch
@@ -347,8 +114,7 @@ class Predictor:
             return None  # DirectML/MPS: channels_last kernels are not guaranteed there
         try:
             graph = TorchInferenceGraph(self.model)
-            probe = np.random.default_rng(0).uniform(0, 255, (1, self.image_size, self.image_size, 3))
-            probe = torch.from_numpy(probe.astype(np.float32)).to(device)
+            probe = torch.from_numpy(self._probe()).to(device)
             with torch.inference_mode():
                 expected = self.model(probe, training=False).cpu().numpy()
                 received = graph(probe).cpu().numpy()
@@ -366,6 +132,8 @@ class Predictor:
         return graph
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
+        if self._session is not None:
+            return self._session.run(None, {self._onnx_input: batch})[0]
         if self._backend == "torch":
             import torch
 

@@ -1,5 +1,4 @@
-"""The benchmark code (tiny sizes, no timing assertions) and the fast torch inference path
-it justified (keras_ham.predict.TorchInferenceGraph must equal the Keras model)."""
+"""The benchmark harness (benchmarks/, scripts/bench.py): tiny sizes, no timing assertions."""
 
 import json
 import math
@@ -10,111 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ham import bench
-from keras_ham.config import load_config
-from keras_ham.model import build_model
-from keras_ham.predict import Predictor, TorchInferenceGraph
+from benchmarks import harness as bench
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch backend tests")
-
-
-def images(n, size, seed=0):
-    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
-
-
-def randomize_batchnorm(model, seed=0):
-    """Non-trivial BatchNorm statistics (a fresh model has mean 0 / variance 1)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.2, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.3, 3.0, n).astype("float32"))
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            layer.beta.assign(rng.normal(0, 0.2, n).astype("float32"))
-
-
-def graph_output(graph, x):
-    import torch
-
-    with torch.inference_mode():
-        return graph(torch.from_numpy(x)).numpy()
-
-
-def keras_output(model, x):
-    return keras.ops.convert_to_numpy(model(x, training=False))
-
-
-# --------------------------------------------------------------------------- fast inference path
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        # 40 px: odd feature maps (5 -> 3) make ResNet18's stride-2 "same" convs pad asymmetrically
-        {"model": "resnet18", "image_size": 40, "augment_zoom": 0.2, "augment_contrast": 0.3},
-        {"model": "resnet50", "image_size": 32},
-    ],
-)
-def test_torch_graph_equals_keras_model_with_batchnorm_folded(overrides):
-    model = build_model(load_config(overrides={"weights": None, "dropout": 0.5, **overrides}))
-    randomize_batchnorm(model)
-    # logits, not softmax: a near one-hot softmax would hide differences
-    logits_model = keras.Model(model.inputs[0], model.get_layer("logits").output)
-    graph = TorchInferenceGraph(logits_model)
-    batchnorms = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
-    assert graph.folded_batchnorms == batchnorms and graph.keras_layers == []
-    x = images(3, overrides["image_size"])
-    before = x.copy()
-    expected = keras_output(logits_model, x)
-    received = graph_output(graph, x)
-    np.testing.assert_allclose(received, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    np.testing.assert_array_equal(x, before)  # in-place ops never touch the caller's images
-
-
-def test_torch_graph_keeps_aliased_tensors_intact_and_runs_other_layers_through_keras():
-    # dropout passes its input on unchanged, so the ReLU after it must not run in place on a
-    # buffer the Add still reads; Flatten/Reshape/Concatenate have no torch form here.
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
-    shared = keras.layers.Dropout(0.5)(x)
-    relu = keras.layers.Activation("relu")(shared)
-    added = keras.layers.Add()([shared, relu])
-    bn = keras.layers.BatchNormalization(name="bn_unfolded")(added)
-    pooled = keras.layers.MaxPooling2D(2)(bn)
-    flat = keras.layers.Flatten(name="flatten")(pooled)
-    reshaped = keras.layers.Reshape((4, 16), name="reshape")(flat)
-    joined = keras.layers.Concatenate(name="concat")([keras.layers.Flatten(name="flatten2")(reshaped), flat])
-    outputs = keras.layers.Dense(5, activation="tanh")(joined)
-    model = keras.Model(inputs, outputs)
-    randomize_batchnorm(model, seed=3)
-    graph = TorchInferenceGraph(model)
-    assert graph.folded_batchnorms == 0  # the conv output is read twice: no fold
-    assert set(graph.keras_layers) == {"flatten", "reshape", "flatten2", "concat"}
-    x = images(2, 8, seed=5) / 50.0 - 2.5  # negative values too, so ReLU changes things
-    np.testing.assert_allclose(graph_output(graph, x), keras_output(model, x), rtol=1e-5, atol=1e-5)
-
-
-def test_predictor_uses_fast_path_and_matches_keras_path():
-    model = build_model(load_config(overrides={"weights": None, "model": "resnet18", "image_size": 32}))
-    randomize_batchnorm(model, seed=1)
-    x = images(3, 32, seed=2)
-    fast = Predictor(model, batch_size=2)
-    slow = Predictor(model, batch_size=2, fast_path=False)
-    assert fast.fast_path and not slow.fast_path
-    np.testing.assert_allclose(fast.predict(x), slow.predict(x), atol=1e-5)
-    fast_tta = Predictor(model, batch_size=3, tta=True).predict(x)
-    np.testing.assert_allclose(fast_tta, Predictor(model, batch_size=3, tta=True, fast_path=False).predict(x), atol=1e-5)
-
-
-def test_predictor_falls_back_to_keras_when_the_graph_disagrees(monkeypatch):
-    model = build_model(load_config(overrides={"weights": None, "model": "resnet18", "image_size": 32}))
-    monkeypatch.setattr(TorchInferenceGraph, "__call__", lambda self, x: keras.ops.ones((x.shape[0], 7)) / 2)
-    with pytest.warns(UserWarning, match="differs from the Keras model"):
-        predictor = Predictor(model, batch_size=2)
-    assert not predictor.fast_path
-    x = images(2, 32)
-    np.testing.assert_allclose(predictor.predict(x), keras_output(model, x), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -164,19 +61,33 @@ def fake_workers():
         "tasks": {
             "train": {"fit_seconds_per_step": [0.5, 0.5, 0.6, 2.0], "loop_seconds_per_step": [0.4, 0.5, 0.6, 1.6],
                       "fit_repeat_seconds_per_step": [0.5, 0.6], "loop_repeat_seconds_per_step": [0.4, 0.6],
+                      # torchvision: NCHW 0.25 s/step (the faster), channels_last 0.5 s/step
+                      "torchvision_nchw_seconds_per_step": [0.25, 0.25, 0.3, 1.0],
+                      "torchvision_nchw_repeat_seconds_per_step": [0.25, 0.3],
+                      "torchvision_channels_last_seconds_per_step": [0.5, 0.5, 0.5, 0.5],
+                      "torchvision_channels_last_repeat_seconds_per_step": [0.5, 0.5],
                       "peak_rss_mb": {"fit": 800.0, "loop": 700.0}, "rss_before_training_mb": 500.0,
                       "ru_maxrss_mb": 810.0},
             "inference": {"batch_seconds": {"predictor": [0.1, 0.1], "torch_plain": [0.3, 0.3],
-                                            "keras_predict": [0.35, 0.35], "predictor_keras_path": [0.3, 0.3]},
+                                            "keras_predict": [0.35, 0.35], "predictor_keras_path": [0.3, 0.3],
+                                            "torchvision_nchw": [0.2, 0.2], "torchvision_channels_last": [0.08, 0.08],
+                                            "onnxruntime": [0.05, 0.05]},
                           "latency_seconds": {"predictor": [0.01, 0.02], "torch_plain": [0.05, 0.05],
-                                              "keras_predict": [0.1, 0.1]},
-                          "fast_path": True, "predictor_build_seconds": 1.0, "max_abs_difference": 1e-7},
+                                              "keras_predict": [0.1, 0.1], "onnxruntime": [0.004, 0.004]},
+                          "fast_path": True, "predictor_build_seconds": 1.0, "max_abs_difference": 1e-7,
+                          "engines": {"onnx_export_seconds": 3.0, "torch_compile_error": "no compiler"}},
             "gradcam": {"gradcam_seconds": [0.2, 0.2], "forward_backward_seconds": [0.4, 0.4],
                         "forward_seconds": [0.15, 0.15], "layer": "conv5_block2_out"},
             "loader": {"images": 16, "uncached_images_per_second": 100.0, "cache_build_images_per_second": 200.0,
                        "cached_images_per_second": [1000.0, 3000.0, 2000.0], "cache_build_threads": 2},
         },
     }
+    memory_workers = [
+        {"backend": "torch", "round": 1, "memory_worker": name, "tasks_run": [f"memory_{name}"],
+         "load_before": [1.0, 1.0, 1.0], "load_after": [1.0, 1.0, 1.0], "runtime": {"threads": 2},
+         "tasks": {"memory": {"contender": name, "ru_maxrss_mb": rss, "peak_rss_mb": rss - 10.0}}}
+        for name, rss in (("keras_fit_torch", 1500.0), ("torchvision_nchw", 1000.0), ("torchvision_channels_last", 900.0))
+    ]
     tf_worker = {
         "backend": "tensorflow", "round": 1, "tasks_run": ["train", "inference"], "load_before": [1.0, 1.0, 1.0],
         "load_after": [1.0, 1.0, 1.0], "runtime": {"threads": "default"}, "wall_seconds": 5.0,
@@ -190,7 +101,7 @@ def fake_workers():
                           "fast_path": False, "predictor_build_seconds": 0.1, "max_abs_difference": 0.0},
         },
     }
-    return [torch_worker, tf_worker]
+    return [torch_worker, tf_worker, *memory_workers]
 
 
 def test_summary_ratios_point_the_right_way():
@@ -212,11 +123,28 @@ def test_summary_ratios_point_the_right_way():
                                                 "torch_process_after_training": 810.0,
                                                 "tensorflow_fit": 950.0, "tensorflow_process_after_training": 960.0}
     targets = results["targets"]
+    # torchvision: the faster format is chosen per section; ratios are medians of per-step pairs
+    assert train["torchvision_format"] == "nchw"
+    assert train["keras_vs_torchvision_ratio"] == pytest.approx(0.5)  # 0.25/0.5, 0.25/0.5, 0.3/0.6, 1/2
+    assert train["keras_vs_torchvision_channels_last_ratio"] == pytest.approx((5 / 6 + 1) / 2)  # of 1, 1, 5/6, 1/4
+    inference = results["inference"]
+    assert inference["torchvision_format"] == "channels_last"
+    assert inference["predictor_vs_torchvision_ratio"] == pytest.approx(0.8)  # Predictor 0.1 s vs 0.08 s
+    assert inference["engines"]["vs_predictor_ratio"]["onnxruntime"] == pytest.approx(2.0)
+    assert inference["engines"]["torch_compile_error"] == "no compiler"
+    memory = results["memory"]
+    assert memory["train_peak_rss_mb_isolated"]["torchvision_nchw"] == 1000.0
+    assert memory["torchvision_format"] == "nchw"  # the format training chose, not the smaller RSS
+    assert memory["train_peak_rss_vs_torchvision_ratio"] == pytest.approx(1.5)
+    assert targets["train.keras_vs_torchvision_ratio"]["met"] is False
+    assert targets["inference.predictor_vs_torchvision_ratio"]["met"] is False
+    assert targets["memory.train_peak_rss_vs_torchvision_ratio"]["met"] is False
     assert targets["train.keras_vs_torch_ratio"]["met"] is False
     assert targets["inference.keras_vs_torch_ratio"]["met"] is True
     assert targets["gradcam.vs_forward_backward_ratio"]["met"] is True
     table = bench.format_table(results)
     assert "keras fit / torch loop" in table and "0.9x" in table and "MISSED" in table
+    assert "keras fit / torchvision nchw" in table and "engine onnxruntime / Predictor" in table
 
 
 def test_failing_worker_reports_its_error(tmp_path):
@@ -229,7 +157,7 @@ def test_failing_worker_reports_its_error(tmp_path):
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorflow") is None, reason="tensorflow not installed")
 def test_tensorflow_worker_measures_fit_and_predictor(tmp_path):
     options = bench.make_options(quick=True, threads=1, backends=("torch", "tensorflow"))
-    train_images = options.batch_size * (options.steps + 1)
+    train_images = options.batch_size * bench.train_steps_needed(options)
     data = bench.prepare_images(bench.make_options(quick=True, generated_data=True), tmp_path, train_images)
     params = {"options": __import__("dataclasses").asdict(options), "paths": data["paths"], "labels": data["labels"],
               "train_images": train_images, "cache_dir": str(tmp_path / "cache"), "work_dir": str(tmp_path),
@@ -248,7 +176,7 @@ def test_tensorflow_worker_measures_fit_and_predictor(tmp_path):
 # --------------------------------------------------------------------------- the command
 
 
-def run_script(repo_root, *args, timeout=240):
+def run_script(repo_root, *args, timeout=600):
     return subprocess.run([sys.executable, str(repo_root / "scripts" / "bench.py"), *args], cwd=repo_root,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -288,10 +216,19 @@ def test_quick_run_writes_json_and_prints_table(repo_root, tmp_path):
     assert len(worker["load_before"]) == 3
     assert results["inference"]["fast_path"] is True
     assert results["inference"]["fast_path_max_abs_difference"] < 1e-4
-    assert set(results["train"]["images_per_second"]) == {"keras_fit_torch", "torch_loop"}
+    assert set(results["train"]["images_per_second"]) == {"keras_fit_torch", "torch_loop", "torchvision_nchw",
+                                                          "torchvision_channels_last"}
     assert results["memory"]["peak_rss_mb"]["torch_fit"] > 0
+    isolated = results["memory"]["train_peak_rss_mb_isolated"]
+    assert set(isolated) == {"keras_fit_torch", "torchvision_nchw", "torchvision_channels_last"}
+    memory_workers = [w for w in results["workers"] if w.get("memory_worker")]
+    assert len(memory_workers) == 3  # each contender trained alone, in its own process
+    assert results["memory"]["isolated_workers"]["torchvision_nchw"]["keras_imported"] is False
+    engines = results["inference"]["engines"]
+    assert engines["onnxruntime_max_abs_difference"] < 1e-4 and engines["images_per_second"]["onnxruntime"] > 0
     assert set(results["targets"]) == set(bench.TARGETS)
-    for line in ("keras fit / torch loop", "Predictor / plain torch", "cached / training",
+    for line in ("keras fit / torch loop", "keras fit / torchvision", "Predictor / torchvision",
+                 "engine onnxruntime / Predictor", "Predictor / plain torch", "cached / training",
                  "gradcam / forward+backward", "peak RSS torch_fit"):
         assert line in completed.stdout
     assert f"wrote {out}" in completed.stdout

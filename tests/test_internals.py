@@ -138,3 +138,27 @@ def test_a_missing_panel_attribute_is_named(monkeypatch):
     monkeypatch.setattr(pn.theme, "Fast", types.SimpleNamespace())  # a Panel whose Fast has no _resources
     with pytest.raises(LibraryInternalsError, match=rf"Fast._resources is missing from panel {pn.__version__}"):
         internals.drop_panel_fast_theme_fonts()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+def test_keras_torch_conv_inputs_as_views_changes_the_layout_path_not_the_result():
+    from keras.src.backend.torch import nn as keras_torch_nn
+
+    model = tiny_functional_model()
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    original = keras_torch_nn._transpose_spatial_inputs
+    with internals.keras_torch_conv_inputs_as_views():
+        assert keras_torch_nn._transpose_spatial_inputs is not original
+        received = keras.ops.convert_to_numpy(model(x, training=False))
+    assert keras_torch_nn._transpose_spatial_inputs is original  # restored
+    np.testing.assert_allclose(received, expected, rtol=0, atol=1e-6)
+
+
+def test_a_missing_conv_layout_function_is_named(monkeypatch):
+    from keras.src.backend.torch import nn as keras_torch_nn
+
+    monkeypatch.delattr(keras_torch_nn, "_transpose_spatial_inputs")
+    with pytest.raises(LibraryInternalsError, match=r"_transpose_spatial_inputs is missing from keras"):
+        with internals.keras_torch_conv_inputs_as_views():
+            pass

@@ -15,7 +15,7 @@ Sections (each a list of interleaved, repeated measurements; medians reported):
                Keras call, Keras call without its conv layout copies, the torch graph
                without and with BatchNorm folding, and a training step without the copies.
 
-Every backend runs in its own worker process (`python -m keras_ham.bench --worker PARAMS
+Every backend runs in its own worker process (`python -m benchmarks.harness --worker PARAMS
 OUT`, with KERAS_BACKEND set), so TensorFlow and torch never share threads or memory.
 Inside a worker, the things compared run interleaved (A, B, A, B, ...) and ratios are the
 medians of per-pair ratios, which cancels most of the drift of a shared, loaded machine;
@@ -57,8 +57,20 @@ DEFAULT_REAL_DATA = Path(os.environ.get("KERAS_HAM_REAL_DATA", REPO_ROOT.parent 
 #: Size of generated JPEGs when no real data is found: the Kaggle download's 600x450.
 GENERATED_IMAGE_SIZE = (600, 450)
 
+#: Maintained inference engines compared with the Predictor's own torch graph (torch, CPU).
+ENGINES = ("onnxruntime", "torch_compile")
+
+#: The torchvision anchor's memory formats (torch.channels_last / torch.contiguous_format).
+TORCHVISION_FORMATS = ("nchw", "channels_last")
+
+#: Memory workers: each trains ONE thing in a fresh process, so its peak RSS is its own.
+MEMORY_CONTENDERS = ("keras_fit_torch", *(f"torchvision_{f}" for f in TORCHVISION_FORMATS))
+
 #: Targets from the project brief: (json path, comparison, threshold).
 TARGETS = {
+    "train.keras_vs_torchvision_ratio": (">=", 0.95),
+    "inference.predictor_vs_torchvision_ratio": (">=", 1.0),
+    "memory.train_peak_rss_vs_torchvision_ratio": ("<=", 1.2),
     "train.keras_vs_torch_ratio": (">=", 0.95),
     "inference.keras_vs_torch_ratio": (">=", 0.95),
     "loader.cached_vs_train_ratio": (">=", 10.0),
@@ -91,6 +103,7 @@ class BenchOptions:
     generated_data: bool = False
     device: str = "cpu"
     threads: int | None = None
+    engines: tuple[str, ...] = ENGINES
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -107,6 +120,7 @@ QUICK_OPTIONS = {
     "model": "resnet18",
     "latency_runs": 5,
     "loader_images": 16,
+    "engines": ("onnxruntime",),  # torch.compile takes minutes on a small CPU even for tiny models
 }
 
 
@@ -148,6 +162,8 @@ def _validate_options(options: BenchOptions) -> None:
         raise BenchError(f"sections {list(options.sections)}: expected some of {', '.join(SECTIONS + EXTRA_SECTIONS)}.")
     if not options.backends or any(b not in BACKENDS for b in options.backends) or "torch" not in options.backends:
         raise BenchError(f"backends {list(options.backends)}: expected torch, optionally with tensorflow.")
+    if any(engine not in ENGINES for engine in options.engines):
+        raise BenchError(f"engines {list(options.engines)}: expected some of {', '.join(ENGINES)} (or none).")
     if options.threads is not None and not (isinstance(options.threads, int) and options.threads >= 1):
         raise BenchError(f"threads: expected an integer >= 1, received {options.threads!r}.")
     if options.device not in ("auto", "cpu", "cuda", "mps", "directml"):
@@ -265,7 +281,7 @@ def _run_worker(params: dict, backend: str, work_dir: Path, tag: str, log: Calla
     log(f"[{tag}] {backend} worker: {', '.join(params['tasks'])} (load {load_average()})")
     started = time.perf_counter()
     stderr_path = work_dir / f"stderr-{tag}.txt"
-    command = [sys.executable, "-m", "keras_ham.bench", "--worker", str(params_path), str(out_path)]
+    command = [sys.executable, "-m", "benchmarks.harness", "--worker", str(params_path), str(out_path)]
     with open(stderr_path, "w", encoding="utf-8") as stderr:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
@@ -297,7 +313,7 @@ def run_benchmarks(options: BenchOptions, out_path: str | os.PathLike | None = N
     log(f"machine: {machine['cpu_model']}, {machine['logical_cores']} cores, load {machine['load_average']}")
     work_dir = Path(tempfile.mkdtemp(prefix="keras-ham-bench-"))
     try:
-        train_images = options.batch_size * (max(options.steps, options.warmup_steps) + 1)
+        train_images = options.batch_size * train_steps_needed(options)
         count = max(train_images, options.loader_images, options.batch_size)
         data = prepare_images(options, work_dir, count)
         log(f"data: {len(data['paths'])} {data['source']} images from {data['dir']}")
@@ -317,6 +333,13 @@ def run_benchmarks(options: BenchOptions, out_path: str | os.PathLike | None = N
                     tag = f"{backend}-{round_index + 1}"
                     result = _run_worker({**shared, "tasks": tasks}, backend, work_dir, tag, log)
                     workers.append({"backend": backend, "round": round_index + 1, **result})
+            if "memory" in options.sections:
+                for contender in MEMORY_CONTENDERS:
+                    if contender.startswith("torchvision_") and importlib.util.find_spec("torchvision") is None:
+                        continue
+                    tag = f"memory-{contender}-{round_index + 1}"
+                    result = _run_worker({**shared, "tasks": [f"memory_{contender}"]}, "torch", work_dir, tag, log)
+                    workers.append({"backend": "torch", "round": round_index + 1, "memory_worker": contender, **result})
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     results = summarize(options, machine, data, workers)
@@ -351,15 +374,15 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
         "data": {"source": data["source"], "dir": data["dir"], "images": len(data["paths"])},
         "workers": [
             {key: w.get(key) for key in ("backend", "round", "tasks_run", "wall_seconds", "load_before", "load_after",
-                                         "runtime", "peak_rss_mb_process")}
+                                         "runtime", "peak_rss_mb_process", "memory_worker")}
             for w in workers
         ],
     }
     torch_train = _collect(workers, "torch", "train")
     tf_train = _collect(workers, "tensorflow", "train")
     if "train" in options.sections and torch_train:
-        fit = [s for t in torch_train for s in t["fit_seconds_per_step"]]
-        loop = [s for t in torch_train for s in t["loop_seconds_per_step"]]
+        steps = lambda name: [s for t in torch_train for s in t.get(f"{name}_seconds_per_step", [])]  # noqa: E731
+        fit, loop = steps("fit"), steps("loop")
         fit_repeat = [s for t in torch_train for s in t["fit_repeat_seconds_per_step"]]
         loop_repeat = [s for t in torch_train for s in t["loop_repeat_seconds_per_step"]]
         train = {
@@ -367,12 +390,28 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
             # images/s ratio = inverse ratio of the step times, pair by pair
             "keras_vs_torch_ratio": paired_ratio(loop, fit),
             "keras_vs_torch_ratio_per_repeat": [round(b / a, 4) for a, b in zip(fit_repeat, loop_repeat)],
+        }
+        anchors = {f: steps(f"torchvision_{f}") for f in TORCHVISION_FORMATS if steps(f"torchvision_{f}")}
+        if anchors:
+            for memory_format, values in anchors.items():
+                train["images_per_second"][f"torchvision_{memory_format}"] = _ips(batch, values)
+            faster = min(anchors, key=lambda f: median(anchors[f]))
+            train["torchvision_format"] = faster
+            train["keras_vs_torchvision_ratio"] = paired_ratio(anchors[faster], fit)
+            for memory_format, values in anchors.items():
+                train[f"keras_vs_torchvision_{memory_format}_ratio"] = paired_ratio(values, fit)
+        warmup = [s for t in torch_train for s in t.get("warmup_fit_seconds_per_step", [])]
+        train["cpu_seconds_per_wall_second"] = torch_train[0].get("cpu_seconds_per_wall_second")
+        train.update({
             "measured_steps_each": len(fit),
             "batch_size": batch,
-            "notes": "images/s from the median step time (data loading included) after warm-up. A plain-loop step "
-                     "runs after every fit step (inside fit's batch-end callback), so the two alternate step by "
-                     "step; the ratio is the median of the per-step pairs.",
-        }
+            "warmup_fit_seconds_per_step": warmup,
+            "notes": "images/s from the median step time (data loading included) after warm-up, all in ONE fit "
+                     "call. After every fit step (inside fit's batch-end callback) one step each of the plain "
+                     "torch loop over the same Keras model and of torchvision's model in NCHW and channels_last "
+                     "runs, so they alternate step by step; ratios are medians of the per-step pairs. "
+                     "keras_vs_torchvision_ratio is against the faster torchvision format (torchvision_format).",
+        })
         if tf_train:
             tf_steps = [s for t in tf_train for s in t["fit_seconds_per_step"]]
             train["images_per_second"]["keras_fit_tensorflow"] = _ips(batch, tf_steps)
@@ -408,7 +447,7 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
             "layer": torch_gradcam[0]["layer"],
             "runs": len(cam),
         }
-    if "memory" in options.sections and (torch_train or tf_train):
+    if "memory" in options.sections and (torch_train or tf_train or any(w.get("memory_worker") for w in workers)):
         memory: dict = {"peak_rss_mb": {}, "rss_before_training_mb": {}}
         for backend, trains in (("torch", torch_train), ("tensorflow", tf_train)):
             for t in trains:
@@ -418,7 +457,26 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
                 memory["rss_before_training_mb"][backend] = t["rss_before_training_mb"]
                 key = f"{backend}_process_after_training"
                 memory["peak_rss_mb"][key] = max(memory["peak_rss_mb"].get(key, 0.0), t["ru_maxrss_mb"])
-        memory["notes"] = "peak RSS sampled every 10 ms per phase; *_process_after_training is ru_maxrss right after training"
+        isolated = {}
+        for w in workers:
+            if w.get("memory_worker") and "memory" in w.get("tasks", {}):
+                task = w["tasks"]["memory"]
+                isolated[task["contender"]] = max(isolated.get(task["contender"], 0.0), task["ru_maxrss_mb"])
+                memory.setdefault("isolated_workers", {})[task["contender"]] = {
+                    key: task.get(key) for key in ("steps", "rss_before_training_mb", "peak_rss_mb", "keras_imported")}
+        if isolated:
+            memory["train_peak_rss_mb_isolated"] = isolated
+            anchor = results.get("train", {}).get("torchvision_format", "channels_last")
+            anchor_key = f"torchvision_{anchor}" if f"torchvision_{anchor}" in isolated else None
+            anchor_key = anchor_key or next((k for k in isolated if k.startswith("torchvision_")), None)
+            if anchor_key and "keras_fit_torch" in isolated:
+                memory["torchvision_format"] = anchor_key.removeprefix("torchvision_")
+                memory["train_peak_rss_vs_torchvision_ratio"] = isolated["keras_fit_torch"] / isolated[anchor_key]
+        memory["notes"] = ("peak_rss_mb: sampled every 10 ms per phase inside the interleaved training worker (phases "
+                           "share one process, so later phases include earlier allocations); "
+                           "train_peak_rss_mb_isolated: ru_maxrss of a fresh process that trains only that "
+                           "contender (1 + warm-up + steps steps; the torchvision one never imports Keras); the "
+                           "ratio is against the torchvision format that trained faster.")
         results["memory"] = memory
     torch_breakdown = _collect(workers, "torch", "breakdown")
     if torch_breakdown:
@@ -449,6 +507,29 @@ def _summarize_inference(workers: list[dict], batch: int) -> dict:
     single_predictor = [s for t in torch_runs for s in t["latency_seconds"]["predictor"]]
     single_plain = [s for t in torch_runs for s in t["latency_seconds"]["torch_plain"]]
     inference["single_image_keras_vs_torch_ratio"] = paired_ratio(single_plain, single_predictor)
+    seconds = lambda key: [s for t in torch_runs for s in t["batch_seconds"].get(key, [])]  # noqa: E731
+    anchors = {f: seconds(f"torchvision_{f}") for f in TORCHVISION_FORMATS if seconds(f"torchvision_{f}")}
+    if anchors:
+        for memory_format, values in anchors.items():
+            inference["images_per_second"][f"torchvision_{memory_format}"] = _ips(batch, values)
+        faster = min(anchors, key=lambda f: median(anchors[f]))
+        inference["torchvision_format"] = faster
+        inference["predictor_vs_torchvision_ratio"] = paired_ratio(anchors[faster], predictor)
+    engines: dict = {"images_per_second": {}, "vs_predictor_ratio": {}}
+    for engine in ENGINES:
+        if seconds(engine):
+            engines["images_per_second"][engine] = _ips(batch, seconds(engine))
+            # > 1: the engine is faster than the Predictor's torch graph
+            engines["vs_predictor_ratio"][engine] = paired_ratio(predictor, seconds(engine))
+            values = [s for t in torch_runs for s in t["latency_seconds"].get(engine, [])]
+            if values:
+                inference["latency_ms"][engine] = {"p50": 1000 * percentile(values, 50),
+                                                   "p95": 1000 * percentile(values, 95)}
+    for key, value in torch_runs[0].get("engines", {}).items():
+        if key != "warmup_seconds":
+            engines[key] = value
+    engines["warmup_seconds"] = torch_runs[0].get("engines", {}).get("warmup_seconds")
+    inference["engines"] = engines
     inference["fast_path"] = all(t["fast_path"] for t in torch_runs)
     inference["predictor_build_seconds"] = median([t["predictor_build_seconds"] for t in torch_runs])
     inference["fast_path_max_abs_difference"] = max(t["max_abs_difference"] for t in torch_runs)
@@ -463,7 +544,10 @@ def _summarize_inference(workers: list[dict], batch: int) -> dict:
         inference["predictor_torch_vs_tensorflow_ratio"] = (
             inference["images_per_second"]["predictor_torch"] / inference["images_per_second"]["predictor_tensorflow"])
     inference["notes"] = ("keras_vs_torch_ratio: Predictor (the project's path) / plain torch calling the same Keras "
-                          "model under inference_mode, median of back-to-back pairs; >1 means faster than plain torch.")
+                          "model under inference_mode, median of back-to-back pairs; >1 means faster than plain torch. "
+                          "predictor_vs_torchvision_ratio: Predictor / torchvision's model (eval, inference_mode, "
+                          "normalization included) in its faster memory format. engines.vs_predictor_ratio: "
+                          "each maintained engine / the Predictor's torch graph (>1: the engine is faster).")
     return inference
 
 
@@ -536,6 +620,11 @@ def format_table(results: dict) -> str:
         for name, value in train["images_per_second"].items():
             add("train", name, _fmt(value, " img/s"))
         add("train", "keras fit / torch loop", _fmt(train["keras_vs_torch_ratio"], "x"))
+        for name, share in (train.get("cpu_seconds_per_wall_second") or {}).items():
+            add("train", f"CPU s per wall s: {name}", _fmt(share))
+        if "keras_vs_torchvision_ratio" in train:
+            add("train", f"keras fit / torchvision {train['torchvision_format']}",
+                _fmt(train["keras_vs_torchvision_ratio"], "x"))
         if "keras_torch_vs_tensorflow_ratio" in train:
             add("train", "keras torch / keras tensorflow", _fmt(train["keras_torch_vs_tensorflow_ratio"], "x"))
     inference = results.get("inference")
@@ -545,6 +634,15 @@ def format_table(results: dict) -> str:
         for name, value in inference["latency_ms"].items():
             add("inference", f"{name} 1 image", f"p50 {_fmt(value['p50'], ' ms')}, p95 {_fmt(value['p95'], ' ms')}")
         add("inference", "Predictor / plain torch", _fmt(inference.get("keras_vs_torch_ratio"), "x"))
+        if "predictor_vs_torchvision_ratio" in inference:
+            add("inference", f"Predictor / torchvision {inference['torchvision_format']}",
+                _fmt(inference["predictor_vs_torchvision_ratio"], "x"))
+        for name, value in inference.get("engines", {}).get("images_per_second", {}).items():
+            add("inference", f"engine {name}", _fmt(value, " img/s"))
+            add("inference", f"engine {name} / Predictor", _fmt(inference["engines"]["vs_predictor_ratio"][name], "x"))
+        for key in ("onnxruntime_error", "torch_compile_error"):
+            if key in inference.get("engines", {}):
+                add("inference", key.replace("_", " "), str(inference["engines"][key])[:80])
         add("inference", "Keras call / plain torch (old path)", _fmt(inference.get("keras_path_vs_torch_ratio"), "x"))
         if "predictor_torch_vs_tensorflow_ratio" in inference:
             add("inference", "Predictor torch / tensorflow", _fmt(inference["predictor_torch_vs_tensorflow_ratio"], "x"))
@@ -562,6 +660,11 @@ def format_table(results: dict) -> str:
     if memory:
         for name, value in memory["peak_rss_mb"].items():
             add("memory", f"peak RSS {name}", _fmt(value, " MB"))
+        for name, value in memory.get("train_peak_rss_mb_isolated", {}).items():
+            add("memory", f"peak RSS training alone: {name}", _fmt(value, " MB"))
+        if "train_peak_rss_vs_torchvision_ratio" in memory:
+            add("memory", f"keras / torchvision {memory['torchvision_format']} peak RSS",
+                _fmt(memory["train_peak_rss_vs_torchvision_ratio"], "x"))
     breakdown = results.get("breakdown")
     if breakdown:
         for group in ("inference_images_per_second", "train_images_per_second"):
@@ -654,29 +757,36 @@ def _dataset(params: dict, count: int, *, cache_dir: str | None, shuffle: bool =
                       seed=0, cache_dir=cache_dir)
 
 
-def _timed_fit(model, dataset, steps: int, between: Callable[[], float] | None = None) -> tuple[list[float], list[float]]:
-    """Run `model.fit` for 1 + `steps` steps; return (fit seconds per step, `between` results).
+def _timed_fit(model, dataset, steps: int, between: Callable[[], dict[str, float]] | None = None
+               ) -> tuple[list[float], dict[str, list[float]]]:
+    """Run ONE `model.fit` of 1 + `steps` steps; return (fit seconds per step, {name: seconds
+    per step} of what `between` ran).
 
     The first step (iterator start-up) is not timed. With `between`, it runs after every fit
-    step, inside fit's batch-end callback, and returns its own duration: fit and the other
-    thing then alternate step by step (A, B, A, B), so a change in machine load hits both.
-    A fit step is timed from the end of the previous `between` (or step) to the end of its
-    own batch, so it includes fetching its batch, the train step and Keras's bookkeeping.
+    step, inside fit's batch-end callback, and returns the durations of the things it ran:
+    fit and the others then alternate step by step (A, B, C, A, B, C), so a change in
+    machine load hits all of them. A fit step is timed from the end of the previous `between`
+    (or step) to the end of its own batch, so it includes fetching its batch, the train step
+    and Keras's bookkeeping. One fit call for the whole measurement: fit is not re-entered
+    between repeats (each entry rebuilds the epoch iterator and callbacks, and its first
+    step is a start-up step).
     """
     import keras
 
     fit_seconds: list[float] = []
-    other_seconds: list[float] = []
-    resumed = [0.0]
+    other_seconds: dict[str, list[float]] = {}
+    resumed = [0.0, 0.0]  # wall clock, process CPU time
 
     class StepTimer(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             if batch > 0:
                 fit_seconds.append(now - resumed[0])
+                other_seconds.setdefault("fit_cpu", []).append(cpu - resumed[1])
                 if between is not None:
-                    other_seconds.append(between())
-            resumed[0] = time.perf_counter()
+                    for name, seconds in between().items():
+                        other_seconds.setdefault(name, []).append(seconds)
+            resumed[0], resumed[1] = time.perf_counter(), time.process_time()
 
     model.fit(dataset, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[StepTimer()])
     if len(fit_seconds) != steps:
@@ -685,58 +795,82 @@ def _timed_fit(model, dataset, steps: int, between: Callable[[], float] | None =
     return fit_seconds, other_seconds
 
 
+def train_steps_needed(options) -> int:
+    """Batches one training measurement reads: the untimed first step, warm-up, measured steps."""
+    get = options.get if isinstance(options, dict) else lambda key: getattr(options, key)
+    return 1 + get("warmup_steps") + get("steps") * get("repeats")
+
+
 def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict:
     import keras
 
     from keras_ham.model import build_model
-    from keras_ham.train import _compile  # the exact optimizer/loss/metrics of training
 
     options = params["options"]
     steps, repeats, warmup = options["steps"], options["repeats"], options["warmup_steps"]
     config = _bench_config(options)
     dataset = _dataset(params, params["train_images"], cache_dir=params["cache_dir"])
     model = build_model(config)
-    _compile(model, config, config.lr, choice)
+    _compile_as_training(model, config, choice)
     result: dict = {"rss_before_training_mb": sampler.rss_mb()}
-    loop = _TorchLoop(model, dataset, config) if backend == "torch" else None
+    contenders: dict[str, Callable[[], None]] = {}
+    if backend == "torch":
+        contenders["loop"] = _TorchLoop(model, dataset, config).step
+        if _torchvision_available():
+            for memory_format in TORCHVISION_FORMATS:
+                contenders[f"torchvision_{memory_format}"] = _TorchvisionLoop(options, dataset, config, memory_format).step
 
-    def loop_step() -> float:
-        sampler.phase = "loop"
-        started = time.perf_counter()
-        loop.step()
-        seconds = time.perf_counter() - started
+    def between() -> dict[str, float]:
+        seconds = {}
+        for name, step in contenders.items():
+            sampler.phase = name
+            started, cpu = time.perf_counter(), time.process_time()
+            step()
+            seconds[name] = time.perf_counter() - started
+            seconds[f"{name}_cpu"] = time.process_time() - cpu
         sampler.phase = "fit"
         return seconds
 
-    between = loop_step if loop is not None else None
     sampler.phase = "fit"
-    _timed_fit(model, dataset, warmup, between)  # warm-up of both
-    fit_steps: list[float] = []
-    loop_steps: list[float] = []
-    fit_repeat: list[float] = []
-    loop_repeat: list[float] = []
-    for repeat in range(repeats):
-        print(f"  train repeat {repeat + 1}/{repeats}", flush=True)
-        fit_seconds, loop_seconds = _timed_fit(model, dataset, steps, between)
-        fit_steps += fit_seconds
-        fit_repeat.append(median(fit_seconds))
-        if loop is not None:
-            loop_steps += loop_seconds
-            loop_repeat.append(median(loop_seconds))
+    print(f"  train: 1 + {warmup} warm-up + {steps} x {repeats} measured steps of fit"
+          + (f" and {', '.join(contenders)}" if contenders else ""), flush=True)
+    fit_all, others_all = _timed_fit(model, dataset, warmup + steps * repeats, between if contenders else None)
+    fit_steps = fit_all[warmup:]
+    others = {name: values[warmup:] for name, values in others_all.items() if not name.endswith("_cpu")}
+    # CPU seconds this process got per wall second of a step, over the measured steps: with
+    # T threads an idle machine gives about T; much less means others were using the CPU.
+    cpu = {name.removesuffix("_cpu"): values[warmup:] for name, values in others_all.items() if name.endswith("_cpu")}
+    walls = {"fit": fit_steps, **others}
+    result["cpu_seconds_per_wall_second"] = {name: round(sum(cpu[name]) / sum(walls[name]), 3)
+                                             for name in cpu if name in walls and sum(walls[name]) > 0}
+    chunks = lambda values: [median(values[i * steps:(i + 1) * steps]) for i in range(repeats)]  # noqa: E731
     sampler.phase = "after"
     result.update({
         "fit_seconds_per_step": fit_steps,
-        "fit_repeat_seconds_per_step": fit_repeat,
-        "peak_rss_mb": {k: round(v, 1) for k, v in sampler.peaks.items() if k in ("fit", "loop")},
+        "fit_repeat_seconds_per_step": chunks(fit_steps),
+        "peak_rss_mb": {k: round(v, 1) for k, v in sampler.peaks.items() if k in ("fit", *contenders)},
         "ru_maxrss_mb": round(ru_maxrss_mb(), 1),
         "jit_compile": getattr(model, "jit_compile", None),
+        "warmup_fit_seconds_per_step": fit_all[:warmup],
     })
-    if loop is not None:
-        result["loop_seconds_per_step"] = loop_steps
-        result["loop_repeat_seconds_per_step"] = loop_repeat
-    del model
+    for name, values in others.items():
+        result[f"{name}_seconds_per_step"] = values
+        result[f"{name}_repeat_seconds_per_step"] = chunks(values)
+    del model, contenders
     keras.backend.clear_session()
     return result
+
+
+def _compile_as_training(model, config, choice) -> None:
+    """The exact optimizer, loss and metrics of training, in a single process (world size 1)."""
+    from keras_ham import distributed
+    from keras_ham.train import _compile
+
+    _compile(model, config, config.lr, choice, distributed.context(getattr(choice, "kind", "cpu") or "cpu"))
+
+
+def _torchvision_available() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
 
 
 class _TorchLoop:
@@ -746,7 +880,7 @@ class _TorchLoop:
         import torch
 
         from keras_ham.labels import NUM_CLASSES
-        from keras_ham.predict import model_device
+        from keras_ham.torch_graph import model_device
 
         self.model, self.dataset, self.config, self.num_classes = model, dataset, config, NUM_CLASSES
         self.device = model_device(model)
@@ -768,6 +902,96 @@ class _TorchLoop:
         self.optimizer.step()
 
 
+#: torchvision's ImageNet normalization, applied to 0..255 RGB inside the step (as keras-ham's
+#: model preprocesses inside the model).
+_TORCHVISION_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+_TORCHVISION_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class _TorchvisionLoop:
+    """The anchor: `torchvision.models.<model>(num_classes=7)` trained by a plain PyTorch loop
+    with the same AdamW settings, smoothed cross-entropy, images and batch size as keras-ham,
+    in NCHW (`contiguous_format`) or `channels_last`. `batches` is anything indexable giving
+    (images NHWC float32 0..255, labels) - the same HamDataset as fit, or preloaded arrays."""
+
+    def __init__(self, options: dict, batches, config, memory_format: str, device: str | None = None):
+        import torch
+        import torchvision
+
+        from keras_ham.labels import NUM_CLASSES
+
+        if memory_format not in TORCHVISION_FORMATS:
+            raise BenchError(f"memory format {memory_format!r}: expected one of {TORCHVISION_FORMATS}.")
+        self.format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        self.device = torch.device(device or os.environ.get("KERAS_TORCH_DEVICE") or "cpu")
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, options["model"])(weights=None, num_classes=NUM_CLASSES)
+        self.model = model.to(self.device, memory_format=self.format).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           eps=1e-7)
+        self.mean = torch.tensor(_TORCHVISION_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(_TORCHVISION_STD, device=self.device).view(1, 3, 1, 1)
+        self.batches, self.config, self.num_classes = batches, config, NUM_CLASSES
+        self.index = 0
+
+    def step(self) -> None:
+        import torch
+
+        images, labels = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=self.format)
+        probabilities = torch.softmax(self.model(x), dim=-1)
+        loss = torch_smoothed_crossentropy(probabilities, torch.from_numpy(labels).to(self.device),
+                                           self.config.label_smoothing, self.num_classes)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def _memory_task(params: dict, choice, sampler: RssSampler, contender: str) -> dict:
+    """Peak RSS of training `contender` alone: 1 + warm-up + `steps` steps in this process.
+
+    The torchvision worker never imports Keras (a plain-PyTorch user would not): it decodes its
+    batches with keras_ham.images (Pillow) into arrays, as large as the cached batches fit reads.
+    """
+    options = params["options"]
+    # the peak comes with the first optimizer steps (its state is created there): 2 measured steps
+    count = train_steps_needed({**options, "steps": min(options["steps"], 2), "repeats": 1})
+    config = _bench_config(options)
+    before = sampler.rss_mb()
+    if contender == "keras_fit_torch":
+        from keras_ham.model import build_model
+
+        dataset = _dataset(params, params["train_images"], cache_dir=params["cache_dir"])
+        model = build_model(config)
+        _compile_as_training(model, config, choice)
+        before = sampler.rss_mb()
+        sampler.phase = "train"
+        model.fit(dataset, epochs=1, steps_per_epoch=count, verbose=0)
+    elif contender.startswith("torchvision_"):
+        from keras_ham.images import load_image
+
+        size, batch = options["image_size"], options["batch_size"]
+        batches = []
+        for index in range(min(count, params["train_images"] // batch)):
+            chunk = slice(index * batch, (index + 1) * batch)
+            images = np.stack([load_image(p, size) for p in params["paths"][chunk]]).astype(np.float32)
+            batches.append((images, np.asarray(params["labels"][chunk], dtype=np.int32)))
+        loop = _TorchvisionLoop(options, batches, config, contender.removeprefix("torchvision_"),
+                                device=getattr(choice, "torch_device", None))
+        before = sampler.rss_mb()
+        sampler.phase = "train"
+        for _ in range(count):
+            loop.step()
+    else:
+        raise BenchError(f"unknown memory contender {contender!r}")
+    sampler.phase = "after"
+    return {"contender": contender, "steps": count, "rss_before_training_mb": round(before, 1),
+            "peak_rss_mb": round(sampler.peaks.get("train", 0.0), 1), "ru_maxrss_mb": round(ru_maxrss_mb(), 1),
+            "keras_imported": "keras" in sys.modules}
+
+
 def _images(params: dict, count: int) -> np.ndarray:
     """(count, S, S, 3) float32 batch of the benchmark images via the cached dataset."""
     dataset = _dataset(params, max(count, 1), cache_dir=params["cache_dir"], shuffle=False)
@@ -779,7 +1003,8 @@ def _inference_task(params: dict, backend: str) -> dict:
     import keras
 
     from keras_ham.model import build_model
-    from keras_ham.predict import Predictor, model_device
+    from keras_ham.predict import Predictor
+    from keras_ham.torch_graph import model_device
 
     options = params["options"]
     batch_size, runs = options["batch_size"], options["steps"] * options["repeats"]
@@ -805,24 +1030,110 @@ def _inference_task(params: dict, backend: str) -> dict:
 
         functions["torch_plain"] = torch_plain
         functions["predictor_keras_path"] = Predictor(model, batch_size=batch_size, fast_path=False).predict
-    for function in functions.values():
+        if _torchvision_available():
+            for memory_format in TORCHVISION_FORMATS:
+                functions[f"torchvision_{memory_format}"] = _torchvision_inference(options, memory_format, device)
+    engines_info: dict = {}
+    if backend == "torch":
+        functions.update(_inference_engines(model, options, params, engines_info))
+    for name, function in functions.items():
+        started = time.perf_counter()
         for _ in range(options["warmup_steps"]):
             function(batch)
             function(single)
+        engines_info.setdefault("warmup_seconds", {})[name] = round(time.perf_counter() - started, 2)
     batch_seconds = _interleaved(functions, batch, runs)
     latency_functions = {k: v for k, v in functions.items() if k != "predictor_keras_path"}
     latency_seconds = _interleaved(latency_functions, single, options["latency_runs"])
-    difference = float(np.max(np.abs(functions["predictor"](batch) - model.predict(batch, verbose=0))))
+    expected = model.predict(batch, verbose=0)
+    difference = float(np.max(np.abs(functions["predictor"](batch) - expected)))
+    for engine in ("onnxruntime", "torch_compile"):
+        if engine in functions:
+            engines_info[f"{engine}_max_abs_difference"] = float(np.max(np.abs(functions[engine](batch) - expected)))
     result = {
         "batch_seconds": batch_seconds,
         "latency_seconds": latency_seconds,
         "fast_path": bool(getattr(predictor, "fast_path", False)),
         "predictor_build_seconds": build_seconds,
         "max_abs_difference": difference,
+        "engines": engines_info,
     }
     del model
     keras.backend.clear_session()
     return result
+
+
+def _torchvision_inference(options: dict, memory_format: str, device) -> Callable:
+    """torchvision's model in eval mode under inference_mode, normalization included (the
+    Keras model preprocesses inside itself too); returns probabilities as numpy."""
+    import torch
+    import torchvision
+
+    from keras_ham.labels import NUM_CLASSES
+
+    layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, options["model"])(weights=None, num_classes=NUM_CLASSES)
+    model = model.to(device, memory_format=layout).eval()
+    mean = torch.tensor(_TORCHVISION_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(_TORCHVISION_STD, device=device).view(1, 3, 1, 1)
+
+    def run(x):
+        with torch.inference_mode():
+            tensor = torch.from_numpy(x).to(device).permute(0, 3, 1, 2)
+            tensor = ((tensor - mean) / std).contiguous(memory_format=layout)
+            return torch.softmax(model(tensor), dim=-1).cpu().numpy()
+
+    return run
+
+
+def _inference_engines(model, options: dict, params: dict, info: dict) -> dict[str, Callable]:
+    """{engine: function(images) -> probabilities} for the engines asked for that work here;
+    set-up seconds and failures go into `info` (a failure is a result, not a crash)."""
+    import torch
+
+    from keras_ham.torch_graph import model_device
+
+    functions: dict[str, Callable] = {}
+    device = model_device(model)
+    wanted = options.get("engines", ENGINES)
+    if "onnxruntime" in wanted:
+        if device is not None and device.type != "cpu":
+            info["onnxruntime_error"] = f"measured on the CPU only (model on {device})"
+        elif importlib.util.find_spec("onnxruntime") is None:
+            info["onnxruntime_error"] = "onnxruntime not installed"
+        else:
+            try:
+                import onnxruntime
+
+                from keras_ham.export import export_onnx
+
+                path = Path(params["work_dir"]) / f"bench-{os.getpid()}.onnx"
+                started = time.perf_counter()
+                export_onnx(model, path)  # includes its own check against Keras
+                info["onnx_export_seconds"] = round(time.perf_counter() - started, 1)
+                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                info["onnxruntime_version"] = onnxruntime.__version__
+                functions["onnxruntime"] = lambda x: session.run(None, {"image": x})[0]
+            except Exception as error:  # noqa: BLE001 - reported, the others still run
+                info["onnxruntime_error"] = f"{type(error).__name__}: {error}"[:500]
+    if "torch_compile" in wanted:
+        try:
+            compiled = torch.compile(model)
+            probe = torch.from_numpy(_images(params, options["batch_size"])).to(device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                compiled(probe, training=False)
+            info["torch_compile_first_call_seconds"] = round(time.perf_counter() - started, 1)
+
+            def run_compiled(x):
+                with torch.inference_mode():
+                    return compiled(torch.from_numpy(x).to(device), training=False).cpu().numpy()
+
+            functions["torch_compile"] = run_compiled
+        except Exception as error:  # noqa: BLE001
+            info["torch_compile_error"] = f"{type(error).__name__}: {error}"[:500]
+    return functions
 
 
 def _randomize_batchnorm(model) -> None:
@@ -855,7 +1166,7 @@ def _gradcam_task(params: dict) -> dict:
 
     from keras_ham.gradcam import GradCAM
     from keras_ham.model import build_model
-    from keras_ham.predict import model_device
+    from keras_ham.torch_graph import model_device
 
     options = params["options"]
     model = build_model(_bench_config(options))
@@ -917,29 +1228,20 @@ def _breakdown_task(params: dict) -> dict:
     """Where Keras-on-torch time goes (diagnosis only: patches Keras inside this worker)."""
     import keras
     import torch
-    from keras.src.backend.torch import nn as keras_torch_nn
 
+    from keras_ham.internals import keras_torch_conv_inputs_as_views
     from keras_ham.model import build_model
-    from keras_ham.predict import TorchInferenceGraph, model_device
+    from keras_ham.torch_graph import TorchInferenceGraph, model_device
 
     options = params["options"]
     model = build_model(_bench_config(options))
     _randomize_batchnorm(model)
     batch = torch.from_numpy(_images(params, options["batch_size"])).to(model_device(model))
-    original = keras_torch_nn._transpose_spatial_inputs
-
-    def without_copy(inputs):  # the permuted NHWC view is already channels_last: no copy needed
-        if inputs.ndim == 4:
-            return torch.permute(inputs, (0, 3, 1, 2))
-        return original(inputs)
 
     def patched(function):
         def run(x):
-            keras_torch_nn._transpose_spatial_inputs = without_copy
-            try:
+            with keras_torch_conv_inputs_as_views():
                 return function(x)
-            finally:
-                keras_torch_nn._transpose_spatial_inputs = original
         return run
 
     unfolded, folded = TorchInferenceGraph(model, fold_batchnorm=False), TorchInferenceGraph(model)
@@ -1022,6 +1324,8 @@ def run_worker(params_path: str | os.PathLike, out_path: str | os.PathLike) -> d
                 tasks["loader"] = _loader_task(params)
             elif task == "breakdown":
                 tasks["breakdown"] = _breakdown_task(params)
+            elif task.startswith("memory_"):
+                tasks["memory"] = _memory_task(params, choice, sampler, task.removeprefix("memory_"))
             else:
                 raise BenchError(f"unknown worker task {task!r}")
     result = {
@@ -1038,6 +1342,6 @@ def run_worker(params_path: str | os.PathLike, out_path: str | os.PathLike) -> d
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "--worker":
-        print("usage: python -m keras_ham.bench --worker PARAMS.json OUT.json (run by scripts/bench.py)", file=sys.stderr)
+        print("usage: python -m benchmarks.harness --worker PARAMS.json OUT.json (run by scripts/bench.py)", file=sys.stderr)
         sys.exit(2)
     run_worker(sys.argv[2], sys.argv[3])
