@@ -46,14 +46,6 @@ def write_run_config(model_path: Path, overrides: dict | None = None) -> None:
     RunFolder.of_model(model_path).config.write_text(config.to_yaml(), encoding="utf-8")
 
 
-def evaluate_tiny_model(model_path: Path, tiny_demo) -> dict:
-    """The real evaluation of a model on the tiny demo's test split (writes eval_test/)."""
-    from keras_ham.evaluate import evaluate
-
-    data, splits = tiny_demo
-    return evaluate(model_path, splits / "test.csv", image_dirs=[data], bootstrap=0, log=lambda message: None)
-
-
 def train_and_evaluate_tiny_run(tiny_demo, root: Path, name: str = "x") -> tuple[Path, dict]:
     """What `scripts/train.py --evaluate` writes, from the real writers: a tiny 2-epoch training
     into <root>/runs/<name>/ and its evaluation on the test split (eval_test/). Returns the run
