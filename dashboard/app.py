@@ -84,6 +84,8 @@ CSS = """
 .kh-ci { display: block; font-size: .62em; font-weight: 400; color: #5b6b7b; }
 .kh-pre { background: #f6f8fa; padding: 8px; border-radius: 6px; font-size: .82em; max-height: 420px;
           overflow: auto; margin: 0; }
+.kh-demo { background: #8b1d1d; color: white; font-weight: 700; border-radius: 6px; padding: 6px 10px;
+           margin: 4px 0 6px; }
 .kh-disclaimer { background: #fff4e5; border: 1px solid #f0c36d; border-radius: 6px; padding: 8px 12px;
                  color: #5c3b00; }
 """
@@ -221,7 +223,8 @@ def prediction_html(card: logic.ImageCard, threshold: float) -> str:
         if uncertain
         else f'<span class="kh-badge kh-sure">{_percent(card.confidence)}</span>'
     )
-    parts = [
+    parts = [f'<div class="kh-demo">{html.escape(logic.DEMO_NOTICE)}</div>'] if bundle.training_data.is_demo else []
+    parts += [
         f'<div><span class="kh-class">{html.escape(name)}</span>{badge}</div>',
         f'<div class="kh-full">{html.escape(bundle.full_names[name])}</div>',
         f'<div class="kh-desc">{html.escape(bundle.descriptions[name])}</div>',
@@ -243,9 +246,25 @@ def prediction_html(card: logic.ImageCard, threshold: float) -> str:
             f'<td style="text-align:right">{_percent(float(probability))}</td></tr>'
         )
     parts.append(f'<table class="kh-bars">{"".join(rows)}</table>')
+    parts.append(f'<div class="kh-note kh-calibration">{html.escape(calibration_note(bundle))}</div>')
+    if card.unfamiliar:
+        parts.append(f'<div class="kh-alt kh-ood">Unlike the images this model was validated on: energy score '
+                     f'{card.ood_score:.2f} is above {bundle.ood["threshold"]:.2f}, which '
+                     f'{100 * bundle.ood["false_alarm_rate"]:.0f}\u00a0% of validation images exceed. '
+                     "Do not trust this prediction.</div>")
     for note in card.notes:
         parts.append(f'<div class="kh-note">{html.escape(note)}</div>')
     return "".join(parts)
+
+
+def calibration_note(bundle: logic.ModelBundle) -> str:
+    if bundle.temperature is None and bundle.calibration_skipped:
+        return (f"Probabilities: the model's softmax, not calibrated: temperature scaling was skipped "
+                f"({bundle.calibration_skipped}).")
+    if bundle.temperature is None:
+        return "Probabilities: the model's softmax, not calibrated (no temperature in this model)."
+    return (f"Probabilities calibrated by temperature scaling (T = {bundle.temperature:.3f}, fitted on the "
+            "validation split).")
 
 
 class CardView:
@@ -511,6 +530,7 @@ class DashboardSession:
                                               disabled=not choices)
         self.model_info = _html("", sizing_mode="stretch_width")
         self.model_message = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
+        self.threshold_text = _html("", sizing_mode="stretch_width", css_classes=["kh-threshold-text"])
         self.threshold = pn.widgets.FloatSlider(label="Confidence threshold", start=0.0, end=1.0, step=0.05,
                                                 value=logic.DEFAULT_THRESHOLD, format="0%",
                                                 sizing_mode="stretch_width")
@@ -575,8 +595,19 @@ class DashboardSession:
         backend = keras.backend.backend()
         device = f"{html.escape(self.device.torch_device)} ({html.escape(self.device.reason)})"
         if self.bundle is not None:
+            data = self.bundle.training_data
+            data_html = (f'<div class="kh-demo kh-provenance">{html.escape(data.text)} Its predictions mean nothing '
+                         "for real lesions.</div>" if data.is_demo else
+                         f'<div class="kh-note kh-provenance">Training data: {html.escape(data.text)}</div>')
+            ood = self.bundle.ood
+            ood_html = (f'<div class="kh-note">Out-of-distribution flag: energy score above {ood["threshold"]:.2f} '
+                        f'(raised on {100 * ood["false_alarm_rate"]:.0f}\u00a0% of validation images).</div>'
+                        if ood else '<div class="kh-note">No out-of-distribution threshold stored with this run.</div>')
+            data_html += ood_html
             model = (f"<b>{html.escape(self.bundle.path.parent.name)}</b> · {self.bundle.image_size} px input"
-                     f'<div class="kh-note" style="word-break: break-all">{html.escape(str(self.bundle.path))}</div>')
+                     f'<div class="kh-note" style="word-break: break-all">{html.escape(str(self.bundle.path))}</div>'
+                     f"{data_html}"
+                     f'<div class="kh-note">{html.escape(calibration_note(self.bundle))}</div>')
         else:
             model = "<b>none loaded</b>"
         self.model_info.object = (
@@ -584,6 +615,7 @@ class DashboardSession:
             f'<div style="margin-top:4px">Model: {model}</div>'
         )
         self.upload.disabled = self.bundle is None
+        self._refresh_threshold_text()
         if self.bundle is None:
             self.empty_note.object = (
                 f"### No model to classify with\n{self.model_problem or ''}\n\n"
@@ -673,6 +705,14 @@ class DashboardSession:
     def _on_threshold(self, event) -> None:
         for view in self.card_views.values():
             view.set_threshold(event.new)
+        self._refresh_threshold_text()
+
+    def _refresh_threshold_text(self) -> None:
+        if self.bundle is None:
+            self.threshold_text.object = ""
+            return
+        text = logic.threshold_text(self.bundle.path, self.threshold.value, self.bundle.temperature)
+        self.threshold_text.object = f'<div class="kh-note kh-threshold-sentence">{html.escape(text)}</div>'
 
     # ----------------------------------------------------------------- layout
 
@@ -716,6 +756,7 @@ class DashboardSession:
                   "several at once to compare.</div>"),
             self.upload,
             self.threshold,
+            self.threshold_text,
             _html("<div class='kh-note'>Below the threshold a prediction is marked uncertain and the "
                   f"top {logic.TOP_K} classes are listed.</div>"),
             self.clear_button,

@@ -60,6 +60,7 @@ class Config:
     fine_tune_lr_factor: float = 0.1
     monitor: str = "val_balanced_accuracy"
     early_stopping_patience: int = 0
+    calibrate: bool = True
     # Augmentation (training only, inside the model)
     augment_flip: bool = True
     augment_rotation: float = 0.1
@@ -121,6 +122,8 @@ FIELD_HELP = {
     "fine_tune_lr_factor": "learning-rate multiplier once the backbone is unfrozen",
     "monitor": f"metric that picks best.keras: one of {', '.join(MONITORS)}",
     "early_stopping_patience": "stop after this many epochs without improvement (0: off)",
+    "calibrate": "after training, fit one temperature on the validation split (minimum NLL) and build it into "
+                 "best.keras (false: off)",
     "augment_flip": "random horizontal and vertical flips",
     "augment_rotation": "random rotation, as a fraction of a full turn (0: off)",
     "augment_zoom": "random zoom fraction (0: off)",

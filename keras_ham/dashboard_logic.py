@@ -33,11 +33,12 @@ import numpy as np
 from PIL import Image
 
 from keras_ham.errors import KerasHamError
+from keras_ham.calibration import ood_flags, stored_ood_threshold, threshold_sentence
 from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, overlay
 from keras_ham.images import IMAGE_EXTENSIONS, ImageError, load_image
-from keras_ham.model import load_classifier, model_image_size
+from keras_ham.model import load_classifier, model_image_size, model_temperature
 from keras_ham.predict import top_classes
-from keras_ham.runs import BEST_MODEL, RunFolder, read_labels
+from keras_ham.runs import BEST_MODEL, EVALUATION_PREFIX, RunFolder, read_labels
 
 #: Largest upload accepted, in bytes (FilePond's "20MB" is 20,000,000 bytes too).
 MAX_UPLOAD_BYTES = 20_000_000
@@ -185,13 +186,29 @@ class ModelBundle:
         self._gradcams = {self.gradcam.layer_name: self.gradcam}
         self.image_size = model_image_size(model)
         # A bad labels.json raises LabelsError naming the file: the page shows it instead of the model.
-        labels = read_labels(RunFolder.of_model(self.path).labels, self.gradcam.num_classes)
+        folder = RunFolder.of_model(self.path)
+        labels = read_labels(folder.labels, self.gradcam.num_classes)
         self.class_names = labels.class_names
         self.full_names, self.descriptions = labels.full_names, labels.descriptions
+        #: T built into the model by temperature scaling; None: raw softmax probabilities.
+        self.temperature = model_temperature(model)
+        self.training_data = training_data(folder.path)
+        #: The run's out-of-distribution threshold record (summary.json "ood"), or None.
+        self.ood = stored_ood_threshold(folder.summary)  # no training code imported here
+        #: Why training did not apply its fitted temperature (summary.json), or None.
+        self.calibration_skipped = calibration_skipped(folder.summary) if self.temperature is None else None
         self.lock = threading.Lock()
         # One pass on a blank image while loading, so the first user's upload does not also
         # pay torch's one-off start-up cost (about a second for a ResNet50 on a CPU).
         self.gradcam.cam(np.zeros((1, self.image_size, self.image_size, 3), dtype=np.float32))
+
+    def ood_score(self, logits: np.ndarray | None) -> tuple[float | None, bool]:
+        """(energy score, above the run's validation threshold?) for one image's logits;
+        (None, False) when the run stores no threshold or there are no logits."""
+        if self.ood is None or logits is None:
+            return None, False
+        scores, flagged = ood_flags(np.asarray(logits)[None], self.ood)
+        return float(scores[0]), bool(flagged[0])
 
     def predict_and_explain(self, model_input: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(S, S, 3) uint8 -> probabilities (num_classes,) and the predicted class's Grad-CAM (S, S).
@@ -200,9 +217,15 @@ class ModelBundle:
         so its probabilities equal a `keras_ham.predict.Predictor`'s (asserted in the tests)
         at half the cost of running both, which matters for a ResNet50 on a CPU.
         """
+        probabilities, heatmap, _logits = self.predict_explain_logits(model_input)
+        return probabilities, heatmap
+
+    def predict_explain_logits(self, model_input: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`predict_and_explain` plus the image's logits (num_classes,) from the same pass."""
         with self.lock:
             result = self.gradcam.cam(model_input[None])
-        return result.probabilities[0], result.heatmaps[0]
+        logits = None if result.logits is None else result.logits[0]
+        return result.probabilities[0], result.heatmaps[0], logits
 
     @property
     def default_layer(self) -> str:
@@ -219,6 +242,92 @@ class ModelBundle:
                     raise GradCAMError(f"layer {layer!r} is not offered for this model; choose one of {', '.join(offered)}.")
                 self._gradcams[layer] = GradCAM(self.gradcam.model, layer_name=layer)
             return self._gradcams[layer].cam(model_input[None], class_index=int(class_index)).heatmaps[0]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Where a model's training images came from, as its run folder says.
+
+    kind: "demo" (synthetic demo images: its predictions mean nothing for real lesions),
+    "split" (the split CSVs named in config.yaml) or "unknown" (no readable config.yaml)."""
+
+    kind: str
+    text: str
+
+    @property
+    def is_demo(self) -> bool:
+        return self.kind == "demo"
+
+
+DEMO_NOTICE = ("DEMO MODEL: trained on synthetic demo images, not on real skin lesions. "
+               "This prediction means nothing for a real lesion.")
+
+
+def training_data(run_dir: str | os.PathLike) -> TrainingData:
+    """Read the run's config.yaml (and summary.json for counts): synthetic demo data or a split."""
+    import yaml
+
+    folder = RunFolder(run_dir)
+    try:
+        config = yaml.safe_load(folder.config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        config = None
+    if not isinstance(config, dict):
+        return TrainingData("unknown", f"training data unknown: no readable {folder.config.name} in {folder.path}.")
+    summary = {}
+    try:
+        summary = json.loads(folder.summary.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    count = summary.get("train_images") if isinstance(summary, dict) else None
+    images = f"{count} images from " if isinstance(count, int) else ""
+    if config.get("demo_data"):
+        return TrainingData("demo", f"trained on synthetic demo images ({images}{config.get('train_csv')}, "
+                                    f"generated by keras-ham), not on real lesions.")
+    return TrainingData("split", f"trained on {images}{config.get('train_csv')} "
+                                 f"(image folders: {', '.join(map(str, config.get('image_dirs') or [])) or 'unknown'}).")
+
+
+def calibration_skipped(summary_path: str | os.PathLike) -> str | None:
+    """The reason summary.json gives for a temperature fitted but not applied, or None."""
+    try:
+        summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    record = summary.get("calibration") if isinstance(summary, dict) else None
+    reason = record.get("skipped") if isinstance(record, dict) else None
+    return reason if isinstance(reason, str) and reason else None
+
+
+def threshold_text(model_path: str | os.PathLike, threshold: float, temperature: float | None = None) -> str:
+    """What the confidence threshold means on the run's stored evaluation (eval_test first),
+    in words; says so when there is none or it was made with a different temperature."""
+    model_path = Path(model_path)
+    metrics_path = RunFolder.of_model(model_path).find_evaluation()
+    if metrics_path is None:
+        return (f"No stored evaluation for this model yet, so what {float(threshold):.2f} buys is unknown; run "
+                f"python scripts/evaluate.py --model {model_path} --csv <test split>.")
+    problems: list[str] = []
+    metrics = _read_json(metrics_path, problems) or {}
+    stored = metrics.get("risk_coverage")
+    split = metrics_path.parent.name.removeprefix(EVALUATION_PREFIX)
+    if not isinstance(stored, dict):
+        return f"{metrics_path} has no risk-coverage numbers (evaluated by an older version); evaluate again."
+    sentence = threshold_sentence(stored, threshold, split)
+    if sentence is None:
+        return f"{metrics_path} stores no numbers for a threshold of {float(threshold):.2f}."
+    sentence = sentence[0].upper() + sentence[1:]
+    evaluated_temperature = (metrics.get("calibration") or {}).get("temperature")
+    if not _same_temperature(evaluated_temperature, temperature):
+        sentence += (" (Evaluated with a different temperature than the loaded model's: evaluate again for "
+                     "the current numbers.)")
+    return sentence
+
+
+def _same_temperature(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(float(a), float(b), rel_tol=1e-6)
 
 
 _BUNDLES: dict[Path, ModelBundle] = {}
@@ -279,6 +388,9 @@ class ImageCard:
     bundle: ModelBundle
     heatmaps: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: Energy score of the image and whether it is above the run's validation threshold.
+    ood_score: float | None = None
+    unfamiliar: bool = False
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -403,7 +515,8 @@ def analyze_upload(
         raw = check_upload(filename, data, max_bytes)
         image = load_image(raw, name=filename)
         model_input = model_input_from(image, bundle.image_size)
-        probabilities, heatmap = bundle.predict_and_explain(model_input)
+        probabilities, heatmap, logits = bundle.predict_explain_logits(model_input)
+        ood_score, unfamiliar = bundle.ood_score(logits)
         card = ImageCard(
             card_id=card_id,
             filename=filename,
@@ -412,6 +525,8 @@ def analyze_upload(
             probabilities=probabilities,
             bundle=bundle,
             notes=_mode_note(raw),
+            ood_score=ood_score,
+            unfamiliar=unfamiliar,
         )
         card.heatmaps[card.heatmap_key()] = heatmap  # the predicted class's Grad-CAM comes with every card
         return card

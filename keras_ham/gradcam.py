@@ -60,6 +60,7 @@ class GradCAMResult:
     feature_cams:  (N, h, w) float32, ReLU(sum_k w_k A_k) at the feature-map resolution,
                    before upsampling and normalisation (the raw, comparable scale).
     layer_name:    the layer whose output A was explained.
+    logits:        (N, num_classes) float32 pre-softmax class scores (for out-of-distribution scores).
     """
 
     heatmaps: np.ndarray
@@ -68,6 +69,7 @@ class GradCAMResult:
     predicted: np.ndarray
     feature_cams: np.ndarray
     layer_name: str
+    logits: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- layers
@@ -488,6 +490,7 @@ class GradCAM:
             predicted=np.argmax(probabilities, axis=1).astype(np.int64),
             feature_cams=feature_cams,
             layer_name=self.layer_name,
+            logits=logits,
         )
 
     __call__ = cam

@@ -130,3 +130,84 @@ def require_image_paths(
             f"searched {where}. Pass the image folder with --images / image_dirs."
         )
     return [located[image_id] for image_id in frame["image_id"]]
+
+
+# --------------------------------------------------------------------------- ISIC 2018 Task 3
+
+#: Columns of the ISIC 2018 Task 3 ground-truth CSVs: `image`, then one-hot class columns.
+ISIC2018_IMAGE_COLUMN = "image"
+ISIC2018_CLASS_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+
+
+def is_isic2018_header(columns: Sequence[str]) -> bool:
+    """True for a header in the ISIC 2018 Task 3 style (`image` and upper-case class columns)."""
+    names = {str(c).strip() for c in columns}
+    return ISIC2018_IMAGE_COLUMN in names or bool(names & set(ISIC2018_CLASS_COLUMNS))
+
+
+def read_isic2018_ground_truth(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """An ISIC 2018 Task 3 ground-truth CSV (`image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`, one-hot)
+    as a frame with `image_id` and `dx` (lower-case class names), like an evaluation CSV.
+
+    Every row must hold exactly one 1 and six 0s (written 1/0 or 1.0/0.0); duplicate image
+    ids, unknown or missing columns are errors naming the file and CSV lines.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise MetadataError(f"{path}: file not found.")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise MetadataError(f"{path}: not a readable CSV ({error}).") from None
+    except pd.errors.EmptyDataError:
+        raise MetadataError(f"{path}: the file is empty.") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    expected = (ISIC2018_IMAGE_COLUMN, *ISIC2018_CLASS_COLUMNS)
+    repeated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if repeated:
+        raise MetadataError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header.")
+    missing = [c for c in expected if c not in frame.columns]
+    unknown = [c for c in frame.columns if c not in expected]
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"missing column(s) {', '.join(missing)}")
+        if unknown:
+            problems.append(f"unknown column(s) {', '.join(unknown)}")
+        raise MetadataError(f"{path}: read as an ISIC 2018 Task 3 ground-truth CSV (header has "
+                            f"'{ISIC2018_IMAGE_COLUMN}' or class columns), but it has {' and '.join(problems)}; "
+                            f"expected exactly {','.join(expected)}.")
+    if frame.empty:
+        raise MetadataError(f"{path}: the CSV has a header but no rows.")
+    ids = frame[ISIC2018_IMAGE_COLUMN].str.strip()
+    blank = frame.index[ids == ""]
+    if len(blank):
+        raise MetadataError(f"{path}: empty '{ISIC2018_IMAGE_COLUMN}' at {_rows(blank)}.")
+    values = frame[list(ISIC2018_CLASS_COLUMNS)].apply(lambda column: pd.to_numeric(column.str.strip(), errors="coerce"))
+    binary = values.isin([0, 1]).all(axis=1)
+    not_one_hot = frame.index[~binary | (values.where(binary, 0).sum(axis=1) != 1)]
+    if len(not_one_hot):
+        first = not_one_hot[0]
+        shown = ",".join(frame.loc[first, list(ISIC2018_CLASS_COLUMNS)])
+        raise MetadataError(f"{path}: rows that are not one-hot at {_rows(not_one_hot)} (first: {shown!r}); "
+                            f"each row needs exactly one 1 and six 0s in {','.join(ISIC2018_CLASS_COLUMNS)}.")
+    duplicated = frame.index[ids.duplicated(keep=False)]
+    if len(duplicated):
+        shown_ids = sorted(set(ids[duplicated]))[:5]
+        raise MetadataError(f"{path}: duplicate image id(s) {', '.join(shown_ids)} at {_rows(duplicated)}.")
+    dx = values.to_numpy().argmax(axis=1)
+    return pd.DataFrame({"image_id": ids.to_numpy(),
+                         "dx": [ISIC2018_CLASS_COLUMNS[i].lower() for i in dx]})
+
+
+def read_labelled_csv(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """An evaluation CSV: `image_id,dx` (a split or metadata CSV), or the ISIC 2018 Task 3
+    one-hot ground truth, told apart by the header."""
+    path = Path(csv_path)
+    try:
+        header = pd.read_csv(path, nrows=0).columns if path.is_file() and path.stat().st_size else []
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError):
+        header = []
+    if "dx" not in {str(c).strip() for c in header} and is_isic2018_header(header):
+        return read_isic2018_ground_truth(path)
+    return read_metadata(path, required=EVAL_COLUMNS)

@@ -4,6 +4,9 @@
       -> backbone (flat: its layers are this model's layers)
       -> global average pool -> dropout -> Dense "logits" -> softmax "probabilities"
 
+After calibration (`with_temperature`) the head ends
+      Dense "logits" -> Rescaling(1/T) "temperature" -> softmax "probabilities".
+
 The backbones (ResNet50, ResNet-18, EfficientNetB0) and their preprocessing are entries of
 `keras_ham.backbones.BACKBONES`. Preprocessing lives inside the model so a saved `.keras`
 file takes plain images on any backend. The backbone is built flat (not as a nested
@@ -18,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from keras_ham.backbones import BACKBONES, CAFFE_BGR_MEAN, MODEL_NAMES, PREPROCESS_LAYERS, Backbone, Preprocessing  # noqa: F401
 from keras_ham.config import Config
@@ -30,6 +34,7 @@ PREPROCESS_LAYER = "resnet_preprocess"
 POOL_LAYER = "avg_pool"
 LOGITS_LAYER = "logits"
 OUTPUT_LAYER = "probabilities"
+TEMPERATURE_LAYER = "temperature"
 
 
 class ModelError(KerasHamError, ValueError):
@@ -166,6 +171,34 @@ def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
     for layer in backbone_layers(model):
         is_batchnorm = isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = trainable and not is_batchnorm
+
+
+def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
+    """The same classifier (sharing its layers and weights) with softmax(logits / T) as output.
+
+    The division is a built-in `Rescaling(1/T)` layer between `logits` and the softmax, so
+    the saved file still loads in safe mode on every backend and Grad-CAM, which reads the
+    `logits` layer, is unchanged; a temperature already in `model` is replaced, not stacked.
+    Dividing all logits by one positive number keeps their order: the argmax is unchanged.
+    """
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise ModelError(f"temperature must be a positive finite number, received {temperature!r}.")
+    try:
+        logits = model.get_layer(LOGITS_LAYER).output
+    except ValueError:
+        raise ModelError(f"{model.name}: not a keras-ham classifier (no {LOGITS_LAYER!r} layer).") from None
+    scaled = keras.layers.Rescaling(1.0 / float(temperature), name=TEMPERATURE_LAYER)(logits)
+    probabilities = keras.layers.Activation("softmax", dtype="float32", name=OUTPUT_LAYER)(scaled)
+    return keras.Model(model.inputs, probabilities, name=model.name)
+
+
+def model_temperature(model: keras.Model) -> float | None:
+    """The temperature stored in a calibrated classifier, None when it has none."""
+    try:
+        layer = model.get_layer(TEMPERATURE_LAYER)
+    except ValueError:
+        return None
+    return 1.0 / float(layer.scale)
 
 
 def load_classifier(path: str | Path) -> keras.Model:

@@ -8,7 +8,8 @@
       summary.json     device, backend, durations, best epoch and score, versions
       state/           resume checkpoint (removed when training finishes)
         state.json       the `ResumeState`, pointing to the checkpoint beside it
-      eval_<csv stem>/ metrics.json, predictions.csv, confusion_matrix.png (keras_ham.evaluate)
+      eval_<csv stem>/ metrics.json, predictions.csv, confusion_matrix.png, reliability_diagram.png,
+                       risk_coverage.png (keras_ham.evaluate)
 
 Training (`keras_ham.train`) and evaluation write these files; Grad-CAM, the dashboard and
 the scripts read them. All of them take the names and paths from here, so a change to the
@@ -39,6 +40,8 @@ EVALUATION_PREFIX = "eval_"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_PLOT = "confusion_matrix.png"
+RELIABILITY_PLOT = "reliability_diagram.png"
+RISK_COVERAGE_PLOT = "risk_coverage.png"
 #: The evaluation the dashboard shows first (`scripts/train.py --evaluate` writes it).
 PREFERRED_EVALUATION = f"{EVALUATION_PREFIX}test"
 #: Files that mark a folder as a run folder even before it holds a model.
@@ -129,6 +132,14 @@ class EvaluationFiles:
     @property
     def confusion_plot(self) -> Path:
         return Path(self.folder) / CONFUSION_PLOT
+
+    @property
+    def reliability_plot(self) -> Path:
+        return Path(self.folder) / RELIABILITY_PLOT
+
+    @property
+    def risk_coverage_plot(self) -> Path:
+        return Path(self.folder) / RISK_COVERAGE_PLOT
 
 
 # --------------------------------------------------------------------------- labels.json

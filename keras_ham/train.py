@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from keras_ham import __version__, distributed
+from keras_ham.calibration import fit_on_validation
 from keras_ham.config import Config
 from keras_ham.dataset import class_weights, dataset_from_split_csv
 from keras_ham.device import DeviceChoice, keras_without_tensorflow, make_optimizer, set_random_seed
@@ -63,7 +64,7 @@ class TrainingError(KerasHamError, RuntimeError):
 
 def _comparable(config: Config) -> dict:
     """Config fields that must match to resume (loader and device settings may change)."""
-    ignored = {"workers", "use_multiprocessing", "max_queue_size", "device", "run_name", "out_dir"}
+    ignored = {"workers", "use_multiprocessing", "max_queue_size", "device", "run_name", "out_dir", "calibrate"}
     return {key: value for key, value in config.to_dict().items() if key not in ignored}
 
 
@@ -460,7 +461,9 @@ def train(
         "resumed": resuming,
         "versions": package_versions(),
     }
-    if context.is_main:
+    if context.is_main:  # the whole validation split (val_data is this rank's shard under torchrun)
+        full_val = val_data if context.world_size == 1 else dataset_from_split_csv(config.val_csv, config, training=False)
+        summary.update(fit_on_validation(run_dir, config, full_val, log))  # temperature and OOD threshold
         write_json_atomic(folder.summary, summary)
         shutil.rmtree(folder.state_dir, ignore_errors=True)
     distributed.close()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a saved model on a labelled CSV (needs columns image_id and dx). See keras_ham/commands/evaluate.py (installed as keras-ham-evaluate)."""
+"""Evaluate a saved model on a labelled CSV (a split CSV or an ISIC 2018 Task 3 ground truth). See keras_ham/commands/evaluate.py (installed as keras-ham-evaluate)."""
 
 import sys
 

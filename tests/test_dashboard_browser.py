@@ -1,6 +1,6 @@
 """The dashboard in a real browser: `panel serve dashboard/app.py` driven by headless Chromium.
 
-Uses a tiny ResNet-18 (64 px, random weights) unless KERAS_HAM_BROWSER_MODEL names another
+Uses a tiny ResNet-18 (64 px, trained for 2 epochs on a tiny synthetic set) unless KERAS_HAM_BROWSER_MODEL names another
 .keras file (e.g. a ResNet50 at 224 px to measure the upload-to-Grad-CAM time). Prints the
 time from choosing the file to the prediction and Grad-CAM being shown. Set
 KERAS_HAM_SCREENSHOT=path.png to keep the screenshots (the run tab goes to path_run.png).
@@ -8,6 +8,7 @@ KERAS_HAM_SCREENSHOT=path.png to keep the screenshots (the run tab goes to path_
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -24,7 +25,7 @@ from PIL import Image
 
 from conftest import REAL_DATA_DIR
 from keras_ham.labels import CLASS_NAMES
-from test_dashboard_logic import write_tiny_run
+from keras_ham.calibration import threshold_sentence
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -62,12 +63,22 @@ def lesion_jpeg(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served_model(tmp_path_factory) -> tuple[Path, Path]:
-    """(model to serve, runs folder with one tiny run for the run tab)."""
-    runs = tmp_path_factory.mktemp("browser") / "runs"
-    tiny = write_tiny_run(runs, "tiny-resnet18", overrides={"image_size": 64})
+def served_model(tiny_demo, tmp_path_factory) -> tuple[Path, Path]:
+    """(model to serve, runs folder): a tiny 64 px ResNet-18 trained for 2 epochs and evaluated on
+    the tiny demo's test split by the real writers, so the run tab has a history and intervals
+    and the page a threshold sentence."""
+    from conftest import tiny_config
+    from keras_ham.device import DeviceChoice
+    from keras_ham.evaluate import evaluate
+    from keras_ham.train import train
+
+    root = tmp_path_factory.mktemp("browser")
+    config = tiny_config(tiny_demo, root, run_name="tiny-resnet18", image_size=64)
+    result = train(config, device=DeviceChoice("cpu", "cpu", "test"), log=lambda message: None, verbose=0)
+    evaluate(result.run_dir / "best.keras", config.test_csv, image_dirs=config.image_dirs, bootstrap=100,
+             log=lambda message: None)
     chosen = os.environ.get("KERAS_HAM_BROWSER_MODEL")
-    return (Path(chosen) if chosen else tiny), runs
+    return (Path(chosen) if chosen else result.run_dir / "best.keras"), result.run_dir.parent
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +154,7 @@ def keep_screenshot(path: Path, suffix: str = "") -> None:
         shutil.copyfile(path, target)
 
 
-def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browser, tmp_path):
+def test_upload_predict_explain_and_bad_file_in_chromium(server, served_model, chromium_browser, tmp_path):
     url, log_path = server
     image = lesion_jpeg(tmp_path / "lesion_600x450.jpg")
     corrupt = tmp_path / "corrupt.jpg"
@@ -165,6 +176,21 @@ def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browse
         elapsed = time.perf_counter() - started
         shown = predicted_class.inner_text().strip()
         assert shown in CLASS_NAMES, shown
+        # The probabilities shown (one decimal each) add up to 100 % within rounding.
+        shown_percent = [float(text.replace("\u00a0", " ").rstrip("% ").strip())
+                         for text in card.locator(".kh-bars tr td:nth-child(3)").all_inner_texts()]
+        assert len(shown_percent) == len(CLASS_NAMES)
+        assert abs(sum(shown_percent) - 100.0) <= 0.05 * len(CLASS_NAMES) + 1e-9, shown_percent
+        model, runs = served_model
+        summary = json.loads((model.parent / "summary.json").read_text(encoding="utf-8"))
+        calibrated = bool((summary.get("calibration") or {}).get("applied"))
+        note = card.locator(".kh-calibration").inner_text()
+        assert ("not calibrated" in note) != calibrated, note
+        # The threshold sentence is the stored evaluation's numbers at the default 0.50.
+        stored = json.loads((model.parent / "eval_test" / "metrics.json").read_text(encoding="utf-8"))
+        expected = threshold_sentence(stored["risk_coverage"], 0.5, "test")
+        sentence = page.locator(".kh-threshold-sentence").inner_text().replace("\u00a0", " ")
+        assert sentence == (expected[0].upper() + expected[1:]).replace("\u00a0", " "), sentence
         print(f"\nupload -> prediction + Grad-CAM shown: {elapsed:.2f} s (server had the file after {received:.2f} s; "
               f"{image.name}, model {os.environ.get('KERAS_HAM_BROWSER_MODEL') or 'tiny resnet18 64 px'})")
 
@@ -213,7 +239,8 @@ def test_upload_predict_explain_and_bad_file_in_chromium(server, chromium_browse
         keep_screenshot(shot)
         page.get_by_text("Training run", exact=True).click()
         page.locator(".bk-Canvas, canvas").first.wait_for(state="visible")
-        page.locator(".kh-ci").filter(has_text="95% CI 0.350–0.490").wait_for(state="visible")  # balanced accuracy
+        low, high = stored["confidence_intervals"]["balanced_accuracy"]
+        page.locator(".kh-ci").filter(has_text=f"95% CI {low:.3f}–{high:.3f}").wait_for(state="visible")
         page.wait_for_timeout(500)
         run_shot = tmp_path / "dashboard_run.png"
         page.screenshot(path=str(run_shot), full_page=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import io
 import json
@@ -34,6 +35,15 @@ def write_tiny_run(runs_dir: Path, name: str = "x", *, overrides: dict | None = 
     folder.path.mkdir(parents=True, exist_ok=True)
     build_model(config).save(folder.best_model)
     return folder.best_model
+
+
+def write_run_config(model_path: Path, overrides: dict | None = None) -> None:
+    """config.yaml beside a `write_tiny_run` model, as training writes it (the same overrides)."""
+    from keras_ham.config import load_config
+    from keras_ham.runs import RunFolder
+
+    config = load_config(overrides={"weights": None, "image_size": 32, "model": "resnet18", **(overrides or {})})
+    RunFolder.of_model(model_path).config.write_text(config.to_yaml(), encoding="utf-8")
 
 
 def train_and_evaluate_tiny_run(tiny_demo, root: Path, name: str = "x") -> tuple[Path, dict]:
@@ -416,6 +426,9 @@ def test_app_layout_with_model_and_two_independent_sessions(app_module, tiny_run
     assert "uncertain" in view.prediction.object and "Top 3" in view.prediction.object
     first.threshold.value = 0.0
     assert "uncertain" not in view.prediction.object
+    assert "At 0.00, 100\u00a0% of test images" in first.threshold_text.object
+    assert logic.DEMO_NOTICE not in view.prediction.object  # a split-trained model: no demo notice
+    assert html.escape(app_module.calibration_note(bundle)) in view.prediction.object
     before = view.gradcam.object
     view.opacity.value = 0.9
     assert view.gradcam.object != before
@@ -529,3 +542,74 @@ def test_upload_widget_reassembles_chunks_and_refuses_oversized_files(app_module
     assert [card.filename for card in errors] == ["huge.jpg", "sneaky.jpg"]
     assert "25.0 MB" in errors[0].message and "upload limit" in errors[1].message
     assert len(session.grid.objects) == 3 and upload._parts == {}
+
+
+def test_training_data_says_demo_or_split(trained_run, tmp_path):
+    demo = write_tiny_run(tmp_path / "runs", "demo")
+    write_run_config(demo, {"demo_data": "data/demo", "train_csv": "data/demo/processed/train.csv"})
+    demo_data = logic.training_data(demo.parent)
+    assert demo_data.is_demo and "synthetic demo images" in demo_data.text
+    run_dir, _metrics = trained_run  # what training wrote: a split, with its image count from summary.json
+    real_data = logic.training_data(run_dir)
+    train_images = json.loads((run_dir / "summary.json").read_text())["train_images"]
+    assert real_data.kind == "split" and f"{train_images} images from" in real_data.text
+    assert "train.csv" in real_data.text
+    bare = write_tiny_run(tmp_path / "runs", "bare")  # no config.yaml
+    assert logic.training_data(bare.parent).kind == "unknown"
+
+
+def test_threshold_text_comes_from_the_stored_evaluation(trained_run, bundle, tmp_path):
+    from keras_ham.calibration import threshold_sentence
+
+    run_dir, metrics = trained_run
+    model = run_dir / "best.keras"
+    stored = json.loads((run_dir / "eval_test" / "metrics.json").read_text())["risk_coverage"]
+    assert stored == json.loads(json.dumps(metrics["risk_coverage"]))
+    # The highest stored threshold at which some test images are still confident (0.00 keeps all).
+    threshold = max(row["threshold"] for row in stored["thresholds"] if row["kept"])
+    text = logic.threshold_text(model, threshold, bundle.temperature)
+    expected = threshold_sentence(stored, threshold, "test")
+    assert text == expected[0].upper() + expected[1:]
+    assert "of test images" in text and "balanced accuracy is" in text
+    if threshold < 1.0:  # above it, none is confident, and the sentence says so
+        assert "none of the" in logic.threshold_text(model, round(threshold + 0.05, 2), bundle.temperature)
+    other = 1.5 if bundle.temperature is None else bundle.temperature * 2
+    assert "different temperature" in logic.threshold_text(model, threshold, temperature=other)
+    assert "no numbers for a threshold of 0.61" in logic.threshold_text(model, 0.61, bundle.temperature)
+    bare = write_tiny_run(tmp_path / "runs", "bare")
+    assert "No stored evaluation" in logic.threshold_text(bare, 0.5)
+
+
+def test_calibration_note_says_why_a_fitted_temperature_was_not_applied(app_module, bundle, tmp_path):
+    from keras_ham.calibration import SKIPPED_AT_BOUND
+    from keras_ham.runs import RunFolder
+
+    # The trained run: what its summary.json says (a tiny 2-epoch model's fit may well be skipped).
+    stored = json.loads(RunFolder.of_model(bundle.path).summary.read_text())["calibration"]
+    assert bundle.calibration_skipped == (None if stored["applied"] else stored["skipped"])
+    assert ("was skipped" in app_module.calibration_note(bundle)) == (not stored["applied"])
+    model = write_tiny_run(tmp_path / "runs", "skipped")
+    # The record keras_ham.calibration.fit_on_validation returns for summary.json (see test_temperature.py).
+    RunFolder.of_model(model).summary.write_text(json.dumps(
+        {"calibration": {"applied": False, "temperature": None, "skipped": SKIPPED_AT_BOUND["low"]}}))
+    skipped = logic.ModelBundle(model)
+    assert skipped.temperature is None and skipped.calibration_skipped == SKIPPED_AT_BOUND["low"]
+    note = app_module.calibration_note(skipped)
+    assert "not calibrated: temperature scaling was skipped" in note and "separable" in note
+
+
+def test_app_marks_every_prediction_of_a_demo_model(app_module, tmp_path):
+    demo = write_tiny_run(tmp_path / "runs", "demo")
+    write_run_config(demo, {"demo_data": "data/demo"})
+    session = app_module.create_app(logic.DashboardOptions(tmp_path / "runs", demo))
+    assert "kh-demo" in session.model_info.object and "synthetic demo images" in session.model_info.object
+    assert session.bundle.ood is None and "No out-of-distribution threshold" in session.model_info.object
+    session.add_upload("real_lesion.png", image_bytes(seed=3))
+    view = next(iter(session.card_views.values()))
+    assert logic.DEMO_NOTICE in view.prediction.object
+    assert view.card.ood_score is None and not view.card.unfamiliar  # no threshold stored: no flag
+    # With a stored threshold an image scoring above it is flagged on its card.
+    session.bundle.ood = {"score": "energy", "threshold": -1e9, "false_alarm_rate": 0.05}
+    flagged = session.add_upload("odd.png", image_bytes(seed=3))
+    assert flagged.unfamiliar and np.isfinite(flagged.ood_score)
+    assert "Do not trust this prediction" in session.card_views[flagged.card_id].prediction.object

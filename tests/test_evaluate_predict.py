@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
+from keras_ham.calibration import calibration_values
 from keras_ham.evaluate import evaluate
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.metadata import MetadataError
@@ -53,6 +54,32 @@ def test_evaluate_writes_sklearn_metrics_predictions_and_plot(tiny_run, tmp_path
         low, high = intervals[name]
         assert 0.0 <= low <= high <= 1.0
     assert any("95% intervals" in m for m in messages)
+    calibration = stored["calibration"]  # recomputed here from predictions.csv (rounded to 1e-6)
+    probabilities = predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy()
+    y_true = test["dx"].map({c: i for i, c in enumerate(CLASS_NAMES)}).to_numpy()
+    expected = calibration_values(y_true, probabilities)
+    for name in ("ece", "classwise_ece", "brier", "nll"):
+        if name != "nll":  # bounded sums: rounding to 1e-6 moves them by far less than 1e-4
+            assert calibration[name] == pytest.approx(float(expected[name][0]), abs=1e-4)
+        low, high = calibration["confidence_intervals"][name]
+        assert low <= high
+    # -log p is not bounded: a stored 0.000000 may be any p < 5e-7, so the NLL lies between the
+    # values for each true-class probability at the top and the bottom of its rounding interval.
+    stored_true = probabilities[np.arange(len(y_true)), y_true]
+    nll_low = np.mean(-np.log(np.minimum(stored_true + 5e-7, 1.0)))
+    nll_high = np.mean(-np.log(np.maximum(stored_true - 5e-7, 1e-12)))
+    assert nll_low - 1e-6 <= calibration["nll"] <= nll_high + 1e-6
+    summary_temperature = json.loads((run / "summary.json").read_text())["calibration"]["temperature"]
+    assert calibration["temperature"] == (None if summary_temperature is None else pytest.approx(summary_temperature))
+    coverage = stored["risk_coverage"]
+    assert coverage["at_coverage"][0]["balanced_accuracy"] == pytest.approx(stored["balanced_accuracy"])
+    assert len(coverage["thresholds"]) == 21
+    for plot_name in ("reliability_diagram.png", "risk_coverage.png"):
+        with Image.open(tmp_path / "eval" / plot_name) as plot:
+            assert plot.size[0] > 300
+    assert any("ECE" in m for m in messages) and any("risk-coverage" in m for m in messages)
+    ood = stored["ood"]  # the run stores an energy threshold set on its validation split
+    assert 0 <= ood["flagged"] <= len(test) and ood["flagged_share"] == pytest.approx(ood["flagged"] / len(test))
     without = evaluate(run / "best.keras", config.test_csv, image_dirs=config.image_dirs,
                        out_dir=tmp_path / "eval0", bootstrap=0, log=lambda m: None)
     assert "confidence_intervals" not in without
@@ -120,3 +147,18 @@ def test_predict_and_evaluate_scripts(tiny_run, tiny_demo, repo_root, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "balanced accuracy" in out.stdout and (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_evaluate_reads_isic2018_ground_truth(tiny_run, tmp_path):
+    run, config = tiny_run
+    test = pd.read_csv(config.test_csv)
+    truth = pd.DataFrame({"image": test["image_id"]})
+    for name in ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"):
+        truth[name] = (test["dx"] == name.lower()).astype(float)
+    truth.to_csv(tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv", index=False)
+    isic = evaluate(run / "best.keras", tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv",
+                    image_dirs=config.image_dirs, out_dir=tmp_path / "isic", bootstrap=0, log=lambda m: None)
+    split = evaluate(run / "best.keras", config.test_csv, image_dirs=config.image_dirs,
+                     out_dir=tmp_path / "split", bootstrap=0, log=lambda m: None)
+    assert isic["confusion_matrix"] == split["confusion_matrix"]
+    assert isic["calibration"]["nll"] == pytest.approx(split["calibration"]["nll"])

@@ -184,3 +184,43 @@ def test_a_column_repeated_in_the_header_is_named(tmp_path):
     path.write_text("lesion_id,image_id,dx, dx\nHAM_1,ISIC_1,nv,nv\n")
     with pytest.raises(MetadataError, match=r"meta.csv: column\(s\) dx appear more than once"):
         read_metadata(path)
+
+
+ISIC_HEADER = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\n"
+
+
+def test_isic2018_ground_truth_is_read_as_image_id_and_dx(tmp_path):
+    from keras_ham.metadata import read_labelled_csv
+
+    path = tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv"
+    path.write_text(ISIC_HEADER + "ISIC_0034524,0.0,1.0,0.0,0.0,0.0,0.0,0.0\n"
+                    "ISIC_0034525,1,0,0,0,0,0,0\nISIC_0034526,0,0,0,0,0,0,1.0\n")
+    frame = read_labelled_csv(path)
+    assert frame["image_id"].tolist() == ["ISIC_0034524", "ISIC_0034525", "ISIC_0034526"]
+    assert frame["dx"].tolist() == ["nv", "mel", "vasc"]
+    split = tmp_path / "split.csv"  # the image_id,dx format is still read as before
+    split.write_text("image_id,dx,lesion_id\nISIC_1,bkl,L1\n")
+    assert read_labelled_csv(split)["dx"].tolist() == ["bkl"]
+
+
+@pytest.mark.parametrize("body, message", [
+    (ISIC_HEADER + "ISIC_1,1,0,0,0,0,0,0\nISIC_2,0,1,0,0,0,0,0\nISIC_1,0,0,1,0,0,0,0\n",
+     r"duplicate image id\(s\) ISIC_1 at lines 2, 4"),
+    (ISIC_HEADER + "ISIC_1,1,0,0,0,0,0,0\nISIC_2,1,1,0,0,0,0,0\n", r"not one-hot at line 3 \(first: '1,1,0"),
+    (ISIC_HEADER + "ISIC_1,0,0,0,0,0,0,0\n", "not one-hot at line 2"),
+    (ISIC_HEADER + "ISIC_1,0.5,0.5,0,0,0,0,0\n", "not one-hot at line 2"),
+    (ISIC_HEADER + "ISIC_1,yes,0,0,0,0,0,0\n", "not one-hot at line 2"),
+    ("image,MEL,NV,BCC,AKIEC,BKL,DF,VASC,SCC\nISIC_1,1,0,0,0,0,0,0,0\n", "unknown column.* SCC"),
+    ("image,MEL,NV,BCC,AKIEC,BKL,DF\nISIC_1,1,0,0,0,0,0\n", "missing column.* VASC"),
+    ("MEL,NV,BCC,AKIEC,BKL,DF,VASC\n1,0,0,0,0,0,0\n", "missing column.* image"),
+    (ISIC_HEADER, "header but no rows"),
+    (ISIC_HEADER + ",1,0,0,0,0,0,0\n", "empty 'image' at line 2"),
+])
+def test_malformed_isic2018_ground_truth_names_file_and_rows(tmp_path, body, message):
+    from keras_ham.metadata import read_labelled_csv
+
+    path = tmp_path / "truth.csv"
+    path.write_text(body)
+    with pytest.raises(MetadataError, match=message) as error:
+        read_labelled_csv(path)
+    assert str(path) in str(error.value)

@@ -1,10 +1,14 @@
-"""Evaluate a saved model on a labelled CSV (needs columns image_id and dx).
+"""Evaluate a saved model on a labelled CSV: columns image_id and dx (a split CSV), or the
+ISIC 2018 Task 3 ground truth (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC one-hot; told by the header).
 
-Writes metrics.json, predictions.csv and confusion_matrix.png to --out
-(default: <model folder>/eval_<csv name>/) and prints a per-class table.
+Writes metrics.json, predictions.csv, confusion_matrix.png, reliability_diagram.png and
+risk_coverage.png to --out (default: <model folder>/eval_<csv name>/) and prints a per-class
+table, the calibration metrics and the risk-coverage table.
 
 Example:
   python scripts/evaluate.py --model runs/demo/best.keras --csv data/demo/processed/test.csv
+  python scripts/evaluate.py --model runs/resnet50/best.keras \
+      --csv ISIC2018_Task3_Test_GroundTruth.csv --images ISIC2018_Task3_Test_Input
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from keras_ham.device import configure_device
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file written by scripts/train.py")
-    parser.add_argument("--csv", required=True, help="CSV with image_id and dx columns (e.g. a test split)")
+    parser.add_argument("--csv", required=True, help="CSV with image_id and dx columns (e.g. a test split), or an ISIC 2018 "
+                                                     "Task 3 ground-truth CSV (image + one-hot class columns)")
     parser.add_argument("--images", action="append", default=[], metavar="DIR",
                         help="folder holding the images (repeatable); the CSV's folder and the Kaggle "
                              "part_1/part_2 subfolders are searched too")
