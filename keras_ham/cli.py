@@ -20,6 +20,13 @@ def add_device_argument(parser: argparse.ArgumentParser, default: str | None = "
                         help=help or "torch device (default: the best available: DirectML, CUDA, MPS, then CPU)")
 
 
+def add_images_argument(parser: argparse.ArgumentParser) -> None:
+    """--images DIR (repeatable): where the images of a CSV are, for the commands that read one."""
+    parser.add_argument("--images", action="append", default=[], metavar="DIR",
+                        help="folder holding the images (repeatable); the CSV's folder and the Kaggle "
+                             "part_1/part_2 subfolders are searched too")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _int_at_least(text, 1)

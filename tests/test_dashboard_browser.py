@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.dashboard_load import panel_server
 from conftest import REAL_DATA_DIR
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.calibration import threshold_sentence
@@ -39,12 +36,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 180
 RESULT_TIMEOUT_MS = 120_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def lesion_jpeg(path: Path) -> Path:
@@ -84,36 +75,9 @@ def served_model(tiny_demo, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def server(served_model, tmp_path_factory):
     model, runs = served_model
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "panel.log"
-    env = {**os.environ, "KERAS_HAM_RUNS": str(runs), "KERAS_BACKEND": "torch", "PYTHONUNBUFFERED": "1"}
-    env.pop("KERAS_TORCH_DEVICE", None)  # let the app choose its device, as it would when started by hand
-    command = [sys.executable, "-m", "panel", "serve", "dashboard/app.py", "--port", str(port),
-               "--address", "127.0.0.1", f"--allow-websocket-origin=127.0.0.1:{port}", "--args", "--model", str(model)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/app"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"panel serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"panel serve did not answer within {SERVER_START_TIMEOUT_S} s:\n"
-                                f"{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+    with panel_server(model, runs, log_path, start_timeout=SERVER_START_TIMEOUT_S) as running:
+        yield running.url, log_path
 
 
 @pytest.fixture(scope="module")

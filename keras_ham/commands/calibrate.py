@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keras_ham.cli import add_device_argument, positive_int, script_main
+from keras_ham.cli import add_device_argument, add_images_argument, positive_int, script_main
 from keras_ham.device import configure_device
 
 
@@ -26,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a .keras file written by scripts/train.py")
     parser.add_argument("--csv", required=True, help="CSV with image_id and dx columns (the validation split; "
                                                      "never the test split you will report)")
-    parser.add_argument("--images", action="append", default=[], metavar="DIR",
-                        help="folder holding the images (repeatable); the CSV's folder and the Kaggle "
-                             "part_1/part_2 subfolders are searched too")
+    add_images_argument(parser)
     parser.add_argument("--out", help="new .keras file to write (default: <model>_calibrated.keras beside it); "
                                       "an existing file is refused")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")

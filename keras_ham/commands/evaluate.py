@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keras_ham.cli import add_device_argument, non_negative_int, positive_int, script_main
+from keras_ham.cli import add_device_argument, add_images_argument, non_negative_int, positive_int, script_main
 from keras_ham.device import configure_device
 
 
@@ -26,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a .keras file written by scripts/train.py")
     parser.add_argument("--csv", required=True, help="CSV with image_id and dx columns (e.g. a test split), or an ISIC 2018 "
                                                      "Task 3 ground-truth CSV (image + one-hot class columns)")
-    parser.add_argument("--images", action="append", default=[], metavar="DIR",
-                        help="folder holding the images (repeatable); the CSV's folder and the Kaggle "
-                             "part_1/part_2 subfolders are searched too")
+    add_images_argument(parser)
     parser.add_argument("--out", help="output folder (default: <model folder>/eval_<csv name>)")
     parser.add_argument("--tta", action="store_true", help="average predictions over flips")
     parser.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
