@@ -34,6 +34,26 @@ def _rows(frame_index: Iterable[int], limit: int = 5) -> str:
     return f"line{'s' if len(lines) > 1 else ''} {shown}{more}"
 
 
+def _read_string_csv(path: Path, empty_message: str) -> "pd.DataFrame":
+    """Every cell as a string, header names stripped; a missing, empty or unreadable file or a
+    repeated column is a MetadataError naming `path` (`empty_message` says what was expected)."""
+    if not path.is_file():
+        raise MetadataError(f"{path}: file not found.")
+    if path.stat().st_size == 0:
+        raise MetadataError(f"{path}: {empty_message}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise MetadataError(f"{path}: not a readable CSV ({error}).") from None
+    except pd.errors.EmptyDataError:
+        raise MetadataError(f"{path}: {empty_message}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    repeated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if repeated:
+        raise MetadataError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header.")
+    return frame
+
+
 def read_metadata(csv_path: str | os.PathLike, required: Sequence[str] = SPLIT_COLUMNS) -> pd.DataFrame:
     """Load a metadata or split CSV, checking columns, labels and duplicate image ids.
 
@@ -41,20 +61,7 @@ def read_metadata(csv_path: str | os.PathLike, required: Sequence[str] = SPLIT_C
     the file byte for byte). Raises `MetadataError` naming the file and the CSV lines.
     """
     path = Path(csv_path)
-    if not path.is_file():
-        raise MetadataError(f"{path}: file not found.")
-    if path.stat().st_size == 0:
-        raise MetadataError(f"{path}: the file is empty; expected a CSV with columns {', '.join(required)}.")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise MetadataError(f"{path}: not a readable CSV ({error}).") from None
-    except pd.errors.EmptyDataError:
-        raise MetadataError(f"{path}: the file is empty; expected a CSV with columns {', '.join(required)}.") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    repeated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
-    if repeated:
-        raise MetadataError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header.")
+    frame = _read_string_csv(path, f"the file is empty; expected a CSV with columns {', '.join(required)}.")
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise MetadataError(
@@ -153,19 +160,8 @@ def read_isic2018_ground_truth(csv_path: str | os.PathLike) -> pd.DataFrame:
     ids, unknown or missing columns are errors naming the file and CSV lines.
     """
     path = Path(csv_path)
-    if not path.is_file():
-        raise MetadataError(f"{path}: file not found.")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise MetadataError(f"{path}: not a readable CSV ({error}).") from None
-    except pd.errors.EmptyDataError:
-        raise MetadataError(f"{path}: the file is empty.") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
+    frame = _read_string_csv(path, "the file is empty.")
     expected = (ISIC2018_IMAGE_COLUMN, *ISIC2018_CLASS_COLUMNS)
-    repeated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
-    if repeated:
-        raise MetadataError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header.")
     missing = [c for c in expected if c not in frame.columns]
     unknown = [c for c in frame.columns if c not in expected]
     if missing or unknown:
