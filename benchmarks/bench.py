@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "../shared/data/ham10000-224 when present, else generated JPEGs")
     parser.add_argument("--generated-data", action="store_true", help="use generated 600x450 JPEGs even if real data exists")
     parser.add_argument("--threads", type=int, help="torch / TensorFlow intra-op threads (default: library default)")
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="train with model.jit_compile=True (torch.compile on torch; its compile time is in the warm-up)")
     parser.add_argument("--engines", help=f"inference engines compared with the Predictor: comma-separated "
                                           f"{', '.join(ENGINES)}, or none (default: all; quick: onnxruntime)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), auto, cuda, mps, directml")
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir,
         generated_data=args.generated_data,
         threads=args.threads,
+        jit_compile=args.jit_compile or None,
         device=args.device,
         engines=None if args.engines is None else () if args.engines == "none" else parse_list(args.engines, ENGINES, "--engines"),
     )

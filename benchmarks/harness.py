@@ -2,9 +2,12 @@
 
 Sections (each a list of interleaved, repeated measurements; medians reported):
 
-    train      model.fit on torch vs a plain torch loop over the SAME Keras model (a torch
-               nn.Module) with torch.optim.AdamW, the same smoothed cross-entropy, batches
-               and data; and model.fit on TensorFlow. images/s, warm-up excluded.
+    train      model.fit on torch, run as keras_ham.train runs it (inside
+               keras_ham.internals.keras_torch_fast_path), vs torchvision.models.resnet50 in
+               both memory formats and a plain torch loop over the SAME Keras model, with
+               torch.optim.AdamW, the same smoothed cross-entropy, batches and data, one step
+               of each after every fit step; and model.fit on TensorFlow. images/s, warm-up
+               excluded.
     inference  keras_ham.predict.Predictor vs plain torch (the Keras model called under
                torch.inference_mode()); Keras model.predict and TensorFlow for context.
                Batch images/s and single-image latency p50/p95.
@@ -12,8 +15,10 @@ Sections (each a list of interleaved, repeated measurements; medians reported):
     gradcam    GradCAM.cam on one image vs one forward+backward pass to all parameters.
     memory     peak RSS while training (sampled per phase) and of each worker process.
     breakdown  (not in the default set) why Keras on torch is slower than its own ops:
-               Keras call, Keras call without its conv layout copies, the torch graph
-               without and with BatchNorm folding, and a training step without the copies.
+               Keras call, Keras call without its conv layout copies, with the whole torch
+               fast path (no copies, fused BatchNorm), the torch graph without and with
+               BatchNorm folding; and a training step of each of Keras's own layers, without
+               the copies, and with the fast path.
 
 Every backend runs in its own worker process (`python -m benchmarks.harness --worker PARAMS
 OUT`, with KERAS_BACKEND set), so TensorFlow and torch never share threads or memory.
@@ -104,6 +109,8 @@ class BenchOptions:
     device: str = "cpu"
     threads: int | None = None
     engines: tuple[str, ...] = ENGINES
+    #: Train with `model.jit_compile = True` (torch.compile on torch, XLA on TensorFlow).
+    jit_compile: bool = False
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -406,6 +413,8 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
             "measured_steps_each": len(fit),
             "batch_size": batch,
             "warmup_fit_seconds_per_step": warmup,
+            "keras_torch_jit_compile": torch_train[0].get("jit_compile"),
+            "keras_torch_fast_path": "keras_ham.internals.keras_torch_fast_path (conv inputs as views, fused BatchNorm)",
             "notes": "images/s from the median step time (data loading included) after warm-up, all in ONE fit "
                      "call. After every fit step (inside fit's batch-end callback) one step each of the plain "
                      "torch loop over the same Keras model and of torchvision's model in NCHW and channels_last "
@@ -788,7 +797,10 @@ def _timed_fit(model, dataset, steps: int, between: Callable[[], dict[str, float
                         other_seconds.setdefault(name, []).append(seconds)
             resumed[0], resumed[1] = time.perf_counter(), time.process_time()
 
-    model.fit(dataset, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[StepTimer()])
+    from keras_ham.internals import keras_torch_fast_path
+
+    with keras_torch_fast_path():  # as keras_ham.train runs fit
+        model.fit(dataset, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[StepTimer()])
     if len(fit_seconds) != steps:
         raise BenchError(f"model.fit ran {len(fit_seconds) + 1} of {steps + 1} steps: "
                          f"the dataset has only {len(dataset)} batches.")
@@ -811,7 +823,7 @@ def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict
     config = _bench_config(options)
     dataset = _dataset(params, params["train_images"], cache_dir=params["cache_dir"])
     model = build_model(config)
-    _compile_as_training(model, config, choice)
+    _compile_as_training(model, config, choice, options.get("jit_compile", False))
     result: dict = {"rss_before_training_mb": sampler.rss_mb()}
     contenders: dict[str, Callable[[], None]] = {}
     if backend == "torch":
@@ -861,12 +873,15 @@ def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict
     return result
 
 
-def _compile_as_training(model, config, choice) -> None:
-    """The exact optimizer, loss and metrics of training, in a single process (world size 1)."""
+def _compile_as_training(model, config, choice, jit_compile: bool = False) -> None:
+    """The exact optimizer, loss and metrics of training, in a single process (world size 1);
+    `jit_compile` is the lever `--jit-compile` measures (training itself does not set it)."""
     from keras_ham import distributed
     from keras_ham.train import _compile
 
     _compile(model, config, config.lr, choice, distributed.context(getattr(choice, "kind", "cpu") or "cpu"))
+    if jit_compile:
+        model.jit_compile = True
 
 
 def _torchvision_available() -> bool:
@@ -965,10 +980,13 @@ def _memory_task(params: dict, choice, sampler: RssSampler, contender: str) -> d
 
         dataset = _dataset(params, params["train_images"], cache_dir=params["cache_dir"])
         model = build_model(config)
-        _compile_as_training(model, config, choice)
+        _compile_as_training(model, config, choice, options.get("jit_compile", False))
         before = sampler.rss_mb()
         sampler.phase = "train"
-        model.fit(dataset, epochs=1, steps_per_epoch=count, verbose=0)
+        from keras_ham.internals import keras_torch_fast_path
+
+        with keras_torch_fast_path():  # as keras_ham.train runs fit
+            model.fit(dataset, epochs=1, steps_per_epoch=count, verbose=0)
     elif contender.startswith("torchvision_"):
         from keras_ham.images import load_image
 
@@ -1229,7 +1247,7 @@ def _breakdown_task(params: dict) -> dict:
     import keras
     import torch
 
-    from keras_ham.internals import keras_torch_conv_inputs_as_views
+    from keras_ham.internals import keras_torch_conv_inputs_as_views, keras_torch_fast_path
     from keras_ham.model import build_model
     from keras_ham.torch_graph import TorchInferenceGraph, model_device
 
@@ -1238,9 +1256,9 @@ def _breakdown_task(params: dict) -> dict:
     _randomize_batchnorm(model)
     batch = torch.from_numpy(_images(params, options["batch_size"])).to(model_device(model))
 
-    def patched(function):
+    def patched(function, context=keras_torch_conv_inputs_as_views):
         def run(x):
-            with keras_torch_conv_inputs_as_views():
+            with context():
                 return function(x)
         return run
 
@@ -1249,6 +1267,7 @@ def _breakdown_task(params: dict) -> dict:
     functions = {
         "keras_call": keras_call,
         "keras_call_without_layout_copies": patched(keras_call),
+        "keras_call_fast_path": patched(keras_call, keras_torch_fast_path),
         "torch_graph_unfolded_batchnorm": unfolded,
         "torch_graph_folded_batchnorm": folded,
     }
@@ -1268,7 +1287,8 @@ def _breakdown_task(params: dict) -> dict:
     config = _bench_config(options)
     dataset = _dataset(params, params["train_images"], cache_dir=params["cache_dir"])
     loop = _TorchLoop(model, dataset, config)
-    step_functions = {"torch_loop": lambda _: loop.step(), "torch_loop_without_layout_copies": patched(lambda _: loop.step())}
+    step_functions = {"torch_loop": lambda _: loop.step(), "torch_loop_without_layout_copies": patched(lambda _: loop.step()),
+                      "torch_loop_fast_path": patched(lambda _: loop.step(), keras_torch_fast_path)}
     for function in step_functions.values():
         function(None)
     train_seconds = _interleaved(step_functions, None, options["steps"])

@@ -14,6 +14,7 @@ imported (Keras reads its device once, at import).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from typing import Iterator
 
@@ -144,13 +145,21 @@ def producing_operation(tensor):
         raise _missing("KerasTensor._keras_history.operation", "keras", TESTED_KERAS, error) from None
 
 
+#: Devices on which the torch fast path below is used; elsewhere (DirectML, MPS: unmeasured)
+#: Keras's own code runs unchanged.
+FAST_PATH_DEVICES = ("cpu", "cuda")
+
+
 @contextlib.contextmanager
 def keras_torch_conv_inputs_as_views() -> Iterator[None]:
-    """Inside the block, Keras's torch convolutions take a permuted NHWC view as their NCHW
-    input instead of a contiguous copy (`keras.src.backend.torch.nn._transpose_spatial_inputs`).
+    """Inside the block, Keras's torch convolutions and poolings take a permuted NHWC view as
+    their NCHW input instead of a contiguous copy
+    (`keras.src.backend.torch.nn._transpose_spatial_inputs`).
 
-    For the benchmark's diagnosis only (how much of Keras-on-torch inference time the layout
-    copies cost); nothing in the library uses it.
+    The permuted view of an NHWC tensor is already torch's channels_last layout, which torch's
+    CPU and CUDA convolutions take directly; Keras 3.15 instead copies it to NCHW and then back
+    to channels_last (`_maybe_convert_to_channels_last`): two copies of every activation per
+    convolution. Keras adds the copy for torch.export, so the export path does not use this.
     """
     import torch
     from keras.src.backend.torch import nn as keras_torch_nn
@@ -160,14 +169,109 @@ def keras_torch_conv_inputs_as_views() -> Iterator[None]:
     except AttributeError as error:
         raise _missing("keras.src.backend.torch.nn._transpose_spatial_inputs", "keras", TESTED_KERAS, error) from None
 
-    def without_copy(inputs):  # the permuted NHWC view is already channels_last: no copy needed
-        return torch.permute(inputs, (0, 3, 1, 2)) if inputs.ndim == 4 else original(inputs)
+    def without_copy(inputs):
+        if inputs.ndim == 4 and inputs.device.type in FAST_PATH_DEVICES:
+            return torch.permute(inputs, (0, 3, 1, 2))
+        return original(inputs)
 
     keras_torch_nn._transpose_spatial_inputs = without_copy
     try:
         yield
     finally:
         keras_torch_nn._transpose_spatial_inputs = original
+
+
+def _fused_batch_norm_call(original_call):
+    """`BatchNormalization.call` computing the same function with one
+    `torch.nn.functional.batch_norm` (forward and backward kernels fused by torch).
+
+    Keras 3.15's torch BatchNormalization is five elementwise passes (mean, mean of squares,
+    subtract, multiply, add), each keeping its own copy of the activation for autograd. The
+    moving statistics are updated with Keras's own formula and the biased batch variance, as
+    Keras does. Anything unusual (a mask, renorm, synchronized, not float32, a device outside
+    FAST_PATH_DEVICES) goes to Keras's own call.
+    """
+    import torch
+
+    def call(self, inputs, training=None, mask=None):
+        if (
+            mask is not None
+            or getattr(self, "renorm", False)
+            or getattr(self, "synchronized", False)
+            or not isinstance(inputs, torch.Tensor)
+            or inputs.dtype != torch.float32
+            or self.compute_dtype != "float32"
+            or inputs.ndim < 2
+            or inputs.device.type not in FAST_PATH_DEVICES
+        ):
+            return original_call(self, inputs, training=training, mask=mask)
+        axis = self.axis % inputs.ndim
+        order = [0, axis] + [i for i in range(1, inputs.ndim) if i != axis]
+        inverse = sorted(range(inputs.ndim), key=order.__getitem__)
+        x = inputs.permute(order)
+        channels = x.shape[1]
+        count = x.numel() // max(channels, 1)
+        training = bool(training and self.trainable)
+        if training and count < 2:  # torch refuses one value per channel; Keras gives variance 0
+            return original_call(self, inputs, training=True, mask=mask)
+        gamma = self.gamma.value if self.scale else None
+        beta = self.beta.value if self.center else None
+        if training:
+            batch_mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+            batch_variance = torch.ones(channels, dtype=x.dtype, device=x.device)
+            # momentum=1.0 makes torch write this batch's mean and unbiased variance into them.
+            outputs = torch.nn.functional.batch_norm(
+                x, batch_mean, batch_variance, gamma, beta, training=True, momentum=1.0, eps=self.epsilon
+            )
+            biased_variance = batch_variance * ((count - 1) / count)
+            momentum = self.momentum
+            self.moving_mean.assign(self.moving_mean.value * momentum + batch_mean * (1.0 - momentum))
+            self.moving_variance.assign(self.moving_variance.value * momentum + biased_variance * (1.0 - momentum))
+        else:
+            outputs = torch.nn.functional.batch_norm(
+                x, self.moving_mean.value, self.moving_variance.value, gamma, beta, training=False, eps=self.epsilon
+            )
+        return outputs.permute(inverse)
+
+    return call
+
+
+@contextlib.contextmanager
+def keras_torch_fused_batch_norm() -> Iterator[None]:
+    """Inside the block, `keras.layers.BatchNormalization` on torch runs as one fused torch
+    batch norm (see `_fused_batch_norm_call`); the layer, its weights and saved files are
+    unchanged."""
+    import keras
+
+    batch_norm = keras.layers.BatchNormalization
+    original = batch_norm.__dict__.get("call")
+    if original is None:
+        raise _missing("BatchNormalization.call", "keras", TESTED_KERAS)
+    arguments = inspect.signature(batch_norm.__init__).parameters
+    missing = [name for name in ("axis", "momentum", "epsilon", "center", "scale") if name not in arguments]
+    if missing:
+        raise _missing(f"BatchNormalization({', '.join(missing)}=...)", "keras", TESTED_KERAS)
+    batch_norm.call = _fused_batch_norm_call(original)
+    try:
+        yield
+    finally:
+        batch_norm.call = original
+
+
+@contextlib.contextmanager
+def keras_torch_fast_path() -> Iterator[None]:
+    """The two torch-backend speed-ups above together; nothing on other backends.
+
+    Used around training and the Keras inference engine. Measured on a 2-core AMD EPYC,
+    ResNet50 at 128 px, batch 16: see README "Performance".
+    """
+    import keras
+
+    if keras.backend.backend() != "torch":
+        yield
+        return
+    with keras_torch_conv_inputs_as_views(), keras_torch_fused_batch_norm():
+        yield
 
 
 # --------------------------------------------------------------------------- panel

@@ -162,3 +162,107 @@ def test_a_missing_conv_layout_function_is_named(monkeypatch):
     with pytest.raises(LibraryInternalsError, match=r"_transpose_spatial_inputs is missing from keras"):
         with internals.keras_torch_conv_inputs_as_views():
             pass
+
+
+def _batchnorm_model(seed: int = 0) -> keras.Model:
+    """Conv -> BN -> ReLU -> max pool -> Conv -> frozen BN -> pool -> Dense, with random BN
+    weights and moving statistics so that every term of the batch norm matters."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((9, 9, 3), name="image")
+    x = keras.layers.Conv2D(6, 3, padding="same", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.7, name="bn1")(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool1")(x)
+    x = keras.layers.Conv2D(5, 3, strides=2, padding="same", name="conv2")(x)
+    frozen = keras.layers.BatchNormalization(epsilon=1e-3, name="bn_frozen")
+    x = frozen(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 1, c), rng.normal(0, 1, c), rng.uniform(0.5, 2, c)])
+    frozen.trainable = False
+    return model
+
+
+def _training_step(model, x):
+    """Outputs, gradients of every trainable weight and the input, moving statistics after."""
+    import torch
+
+    for variable in model.trainable_variables:
+        variable.value.grad = None
+    inputs = torch.tensor(x, requires_grad=True)
+    outputs = model(inputs, training=True)
+    (outputs * torch.arange(1.0, 4.0)).sum().backward()
+    grads = [v.value.grad.numpy().copy() for v in model.trainable_variables] + [inputs.grad.numpy().copy()]
+    stats = [v.numpy().copy() for v in model.non_trainable_variables]
+    return outputs.detach().numpy(), grads, stats
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+def test_the_torch_fast_path_computes_what_keras_computes():
+    """Training-mode outputs, every gradient and the updated moving statistics, then the
+    inference outputs, equal Keras's own code; a layout view and one fused batch norm per
+    BatchNormalization call are actually used inside the block, and nothing after it."""
+    import torch
+    from keras.src.backend.torch import nn as keras_torch_nn
+
+    x = np.random.default_rng(1).normal(3, 2, (4, 9, 9, 3)).astype("float32")
+    reference, fast = _batchnorm_model(), _batchnorm_model()
+    expected = _training_step(reference, x)
+    calls = []
+    real_batch_norm = torch.nn.functional.batch_norm
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("training"))
+        return real_batch_norm(*args, **kwargs)
+
+    original_call = keras.layers.BatchNormalization.call
+    torch.nn.functional.batch_norm = counting
+    try:
+        with internals.keras_torch_fast_path():
+            received = _training_step(fast, x)
+            view = keras_torch_nn._transpose_spatial_inputs(torch.zeros(2, 5, 5, 3))
+            fast_inference = keras.ops.convert_to_numpy(fast(x, training=False))
+    finally:
+        torch.nn.functional.batch_norm = real_batch_norm
+    assert calls == [True, False, False, False]  # bn1 trains, the frozen one does not; then inference
+    assert not view.is_contiguous() and view.is_contiguous(memory_format=torch.channels_last)
+    assert keras.layers.BatchNormalization.call is original_call  # restored
+    np.testing.assert_allclose(received[0], expected[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(received[1] + received[2], expected[1] + expected[2]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(received[2][0], _batchnorm_model().non_trainable_variables[0].numpy())  # stats moved
+    np.testing.assert_allclose(fast_inference, keras.ops.convert_to_numpy(reference(x, training=False)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+def test_the_fused_batch_norm_leaves_single_values_per_channel_to_keras():
+    """One value per channel in training: torch's batch norm refuses it, Keras gives variance 0."""
+    layer = keras.layers.BatchNormalization()
+    x = np.random.default_rng(0).normal(size=(1, 1, 1, 4)).astype("float32")
+    expected = keras.ops.convert_to_numpy(keras.layers.BatchNormalization()(x, training=True))
+    with internals.keras_torch_fused_batch_norm():
+        received = keras.ops.convert_to_numpy(layer(x, training=True))
+    np.testing.assert_allclose(received, expected, atol=1e-6)
+
+
+def test_the_fast_path_restores_keras_after_an_error():
+    from keras.src.backend.torch import nn as keras_torch_nn
+
+    call, transpose = keras.layers.BatchNormalization.call, getattr(keras_torch_nn, "_transpose_spatial_inputs")
+    with pytest.raises(ZeroDivisionError):
+        with internals.keras_torch_fast_path():
+            1 / 0
+    assert keras.layers.BatchNormalization.call is call
+    assert keras_torch_nn._transpose_spatial_inputs is transpose
+
+
+def test_a_missing_batch_norm_call_is_named(monkeypatch):
+    monkeypatch.delattr(keras.layers.BatchNormalization, "call")
+    with pytest.raises(LibraryInternalsError, match=r"BatchNormalization.call is missing from keras"):
+        with internals.keras_torch_fused_batch_norm():
+            pass
