@@ -29,6 +29,7 @@ from benchmarks.harness import (  # the harness does not import Keras
     parse_list,
     run_benchmarks,
 )
+from keras_ham.backbones import MODEL_NAMES
 from keras_ham.cli import script_main
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, help="untimed steps before measuring (default 2; quick 1)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats inside each worker (default 3; quick 2)")
     parser.add_argument("--rounds", type=int, help="runs of every worker, alternating backends (default 1)")
-    parser.add_argument("--model", choices=["resnet50", "resnet18"], help="backbone (default resnet50; quick resnet18)")
+    parser.add_argument("--model", choices=MODEL_NAMES, help="backbone (default resnet50; quick resnet18)")
     parser.add_argument("--latency-runs", type=int, help="single-image / Grad-CAM runs (default 20; quick 5)")
     parser.add_argument("--loader-images", type=int, help="images read by the loader benchmark (default 256; quick 16)")
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS + EXTRA_SECTIONS)} "

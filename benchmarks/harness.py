@@ -16,9 +16,8 @@ Sections (each a list of interleaved, repeated measurements; medians reported):
     memory     peak RSS while training (sampled per phase) and of each worker process.
     breakdown  (not in the default set) why Keras on torch is slower than its own ops:
                Keras call, Keras call without its conv layout copies, with the whole torch
-               fast path (no copies, fused BatchNorm), the torch graph without and with
-               BatchNorm folding; and a training step of each of Keras's own layers, without
-               the copies, and with the fast path.
+               fast path (no copies, fused BatchNorm); and a training step of each: Keras's
+               own layers, without the copies, and with the fast path.
 
 Every backend runs in its own worker process (`python -m benchmarks.harness --worker PARAMS
 OUT`, with KERAS_BACKEND set), so TensorFlow and torch never share threads or memory.
@@ -62,7 +61,7 @@ DEFAULT_REAL_DATA = Path(os.environ.get("KERAS_HAM_REAL_DATA", REPO_ROOT.parent 
 #: Size of generated JPEGs when no real data is found: the Kaggle download's 600x450.
 GENERATED_IMAGE_SIZE = (600, 450)
 
-#: Maintained inference engines compared with the Predictor's own torch graph (torch, CPU).
+#: Maintained inference engines compared with the Predictor (torch, CPU).
 ENGINES = ("onnxruntime", "torch_compile")
 
 #: The torchvision anchor's memory formats (torch.channels_last / torch.contiguous_format).
@@ -528,7 +527,7 @@ def _summarize_inference(workers: list[dict], batch: int) -> dict:
     for engine in ENGINES:
         if seconds(engine):
             engines["images_per_second"][engine] = _ips(batch, seconds(engine))
-            # > 1: the engine is faster than the Predictor's torch graph
+            # > 1: the engine is faster than the Predictor (which runs the ONNX export, as after training)
             engines["vs_predictor_ratio"][engine] = paired_ratio(predictor, seconds(engine))
             values = [s for t in torch_runs for s in t["latency_seconds"].get(engine, [])]
             if values:
@@ -540,6 +539,7 @@ def _summarize_inference(workers: list[dict], batch: int) -> dict:
     engines["warmup_seconds"] = torch_runs[0].get("engines", {}).get("warmup_seconds")
     inference["engines"] = engines
     inference["fast_path"] = all(t["fast_path"] for t in torch_runs)
+    inference["predictor_engine"] = torch_runs[0].get("predictor_engine")
     inference["predictor_build_seconds"] = median([t["predictor_build_seconds"] for t in torch_runs])
     inference["fast_path_max_abs_difference"] = max(t["max_abs_difference"] for t in torch_runs)
     if tf_runs:
@@ -556,7 +556,9 @@ def _summarize_inference(workers: list[dict], batch: int) -> dict:
                           "model under inference_mode, median of back-to-back pairs; >1 means faster than plain torch. "
                           "predictor_vs_torchvision_ratio: Predictor / torchvision's model (eval, inference_mode, "
                           "normalization included) in its faster memory format. engines.vs_predictor_ratio: "
-                          "each maintained engine / the Predictor's torch graph (>1: the engine is faster).")
+                          "each engine / the Predictor, which runs the ONNX export as evaluate does after training "
+                          "(predictor_engine); predictor_keras_path: the Predictor without the export "
+                          "(Keras on its torch fast path).")
     return inference
 
 
@@ -652,7 +654,7 @@ def format_table(results: dict) -> str:
         for key in ("onnxruntime_error", "torch_compile_error"):
             if key in inference.get("engines", {}):
                 add("inference", key.replace("_", " "), str(inference["engines"][key])[:80])
-        add("inference", "Keras call / plain torch (old path)", _fmt(inference.get("keras_path_vs_torch_ratio"), "x"))
+        add("inference", "Predictor without export (Keras) / plain torch", _fmt(inference.get("keras_path_vs_torch_ratio"), "x"))
         if "predictor_torch_vs_tensorflow_ratio" in inference:
             add("inference", "Predictor torch / tensorflow", _fmt(inference["predictor_torch_vs_tensorflow_ratio"], "x"))
     loader = results.get("loader")
@@ -895,7 +897,7 @@ class _TorchLoop:
         import torch
 
         from keras_ham.labels import NUM_CLASSES
-        from keras_ham.torch_graph import model_device
+        from keras_ham.device import model_device
 
         self.model, self.dataset, self.config, self.num_classes = model, dataset, config, NUM_CLASSES
         self.device = model_device(model)
@@ -1022,7 +1024,7 @@ def _inference_task(params: dict, backend: str) -> dict:
 
     from keras_ham.model import build_model
     from keras_ham.predict import Predictor
-    from keras_ham.torch_graph import model_device
+    from keras_ham.device import model_device
 
     options = params["options"]
     batch_size, runs = options["batch_size"], options["steps"] * options["repeats"]
@@ -1030,8 +1032,10 @@ def _inference_task(params: dict, backend: str) -> dict:
     _randomize_batchnorm(model)
     batch = _images(params, batch_size)
     single = batch[:1]
+    export_info: dict = {}
+    onnx_path = _export_as_training_does(model, params, backend, export_info)
     started = time.perf_counter()
-    predictor = Predictor(model, batch_size=batch_size)
+    predictor = Predictor(model, batch_size=batch_size, onnx_path=onnx_path)
     build_seconds = time.perf_counter() - started
     functions: dict[str, Callable] = {
         "predictor": predictor.predict,
@@ -1051,9 +1055,9 @@ def _inference_task(params: dict, backend: str) -> dict:
         if _torchvision_available():
             for memory_format in TORCHVISION_FORMATS:
                 functions[f"torchvision_{memory_format}"] = _torchvision_inference(options, memory_format, device)
-    engines_info: dict = {}
+    engines_info: dict = dict(export_info)
     if backend == "torch":
-        functions.update(_inference_engines(model, options, params, engines_info))
+        functions.update(_inference_engines(model, options, params, engines_info, onnx_path))
     for name, function in functions.items():
         started = time.perf_counter()
         for _ in range(options["warmup_steps"]):
@@ -1072,6 +1076,7 @@ def _inference_task(params: dict, backend: str) -> dict:
         "batch_seconds": batch_seconds,
         "latency_seconds": latency_seconds,
         "fast_path": bool(getattr(predictor, "fast_path", False)),
+        "predictor_engine": predictor.engine,
         "predictor_build_seconds": build_seconds,
         "max_abs_difference": difference,
         "engines": engines_info,
@@ -1105,12 +1110,32 @@ def _torchvision_inference(options: dict, memory_format: str, device) -> Callabl
     return run
 
 
-def _inference_engines(model, options: dict, params: dict, info: dict) -> dict[str, Callable]:
+def _export_as_training_does(model, params: dict, backend: str, info: dict) -> Path | None:
+    """The ONNX export training writes beside best.keras (config `export_onnx`), so the
+    Predictor runs the engine a user gets; None (and the reason in `info`) when it cannot."""
+    if backend != "torch" or importlib.util.find_spec("onnxruntime") is None:
+        info["onnx_export_error"] = "torch backend with onnxruntime installed only"
+        return None
+    from keras_ham.export import export_onnx
+
+    path = Path(params["work_dir"]) / f"bench-{os.getpid()}.onnx"
+    started = time.perf_counter()
+    try:
+        export_onnx(model, path)  # includes its own check against Keras
+    except Exception as error:  # noqa: BLE001 - reported; the Predictor then runs Keras
+        info["onnx_export_error"] = f"{type(error).__name__}: {error}"[:500]
+        return None
+    info["onnx_export_seconds"] = round(time.perf_counter() - started, 1)
+    return path
+
+
+def _inference_engines(model, options: dict, params: dict, info: dict,
+                       onnx_path: Path | None = None) -> dict[str, Callable]:
     """{engine: function(images) -> probabilities} for the engines asked for that work here;
     set-up seconds and failures go into `info` (a failure is a result, not a crash)."""
     import torch
 
-    from keras_ham.torch_graph import model_device
+    from keras_ham.device import model_device
 
     functions: dict[str, Callable] = {}
     device = model_device(model)
@@ -1118,19 +1143,13 @@ def _inference_engines(model, options: dict, params: dict, info: dict) -> dict[s
     if "onnxruntime" in wanted:
         if device is not None and device.type != "cpu":
             info["onnxruntime_error"] = f"measured on the CPU only (model on {device})"
-        elif importlib.util.find_spec("onnxruntime") is None:
-            info["onnxruntime_error"] = "onnxruntime not installed"
+        elif onnx_path is None:
+            info["onnxruntime_error"] = info.get("onnx_export_error", "no ONNX export")
         else:
             try:
                 import onnxruntime
 
-                from keras_ham.export import export_onnx
-
-                path = Path(params["work_dir"]) / f"bench-{os.getpid()}.onnx"
-                started = time.perf_counter()
-                export_onnx(model, path)  # includes its own check against Keras
-                info["onnx_export_seconds"] = round(time.perf_counter() - started, 1)
-                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
                 info["onnxruntime_version"] = onnxruntime.__version__
                 functions["onnxruntime"] = lambda x: session.run(None, {"image": x})[0]
             except Exception as error:  # noqa: BLE001 - reported, the others still run
@@ -1184,7 +1203,7 @@ def _gradcam_task(params: dict) -> dict:
 
     from keras_ham.gradcam import GradCAM
     from keras_ham.model import build_model
-    from keras_ham.torch_graph import model_device
+    from keras_ham.device import model_device
 
     options = params["options"]
     model = build_model(_bench_config(options))
@@ -1249,7 +1268,7 @@ def _breakdown_task(params: dict) -> dict:
 
     from keras_ham.internals import keras_torch_conv_inputs_as_views, keras_torch_fast_path
     from keras_ham.model import build_model
-    from keras_ham.torch_graph import TorchInferenceGraph, model_device
+    from keras_ham.device import model_device
 
     options = params["options"]
     model = build_model(_bench_config(options))
@@ -1262,14 +1281,11 @@ def _breakdown_task(params: dict) -> dict:
                 return function(x)
         return run
 
-    unfolded, folded = TorchInferenceGraph(model, fold_batchnorm=False), TorchInferenceGraph(model)
     keras_call = lambda x: model(x, training=False)  # noqa: E731
     functions = {
         "keras_call": keras_call,
         "keras_call_without_layout_copies": patched(keras_call),
         "keras_call_fast_path": patched(keras_call, keras_torch_fast_path),
-        "torch_graph_unfolded_batchnorm": unfolded,
-        "torch_graph_folded_batchnorm": folded,
     }
     runs = options["steps"] * options["repeats"]
     with torch.inference_mode():

@@ -61,6 +61,7 @@ class Config:
     monitor: str = "val_balanced_accuracy"
     early_stopping_patience: int = 0
     calibrate: bool = True
+    export_onnx: bool = True
     # Augmentation (training only, inside the model)
     augment_flip: bool = True
     augment_rotation: float = 0.1
@@ -124,6 +125,8 @@ FIELD_HELP = {
     "early_stopping_patience": "stop after this many epochs without improvement (0: off)",
     "calibrate": "after training, fit one temperature on the validation split (minimum NLL) and build it into "
                  "best.keras (false: off)",
+    "export_onnx": "after training (and calibration), export best.keras to best.onnx beside it: evaluate, "
+                   "predict and the Predictor then run ONNX Runtime (false: off)",
     "augment_flip": "random horizontal and vertical flips",
     "augment_rotation": "random rotation, as a fraction of a full turn (0: off)",
     "augment_zoom": "random zoom fraction (0: off)",

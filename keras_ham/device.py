@@ -185,3 +185,9 @@ def set_random_seed(seed: int) -> None:
 
     with keras_without_tensorflow():
         keras.utils.set_random_seed(seed)
+
+
+def model_device(model):
+    """The torch device holding a model's weights (where its inputs must go); None without weights."""
+    weights = model.weights
+    return weights[0].value.device if weights else None

@@ -86,7 +86,7 @@ def export_onnx(model: keras.Model, out_path: str | os.PathLike, *, opset: int =
 def _torch_export(model: keras.Model, path: Path, size: int, opset: int) -> None:
     import torch
 
-    from keras_ham.torch_graph import model_device
+    from keras_ham.device import model_device
 
     class Inference(torch.nn.Module):
         """The classifier at inference (training=False: augmentation and dropout are identities)."""

@@ -119,24 +119,6 @@ def per_variable_optimizer(optimizer_class: type) -> type:
 # --------------------------------------------------------------------------- keras: functional graph
 
 
-def nodes_deepest_first(model) -> list:
-    """The nodes of a functional model in execution order: inputs first (the deepest depth),
-    the output last (`Functional._nodes_by_depth`)."""
-    try:
-        by_depth = model._nodes_by_depth
-    except AttributeError as error:
-        raise _missing("Functional._nodes_by_depth", "keras", TESTED_KERAS, error) from None
-    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
-
-
-def call_takes_training(operation) -> bool:
-    """Whether a layer's `call` receives the `training` flag (`Layer._call_context_args`)."""
-    try:
-        return "training" in operation._call_context_args
-    except AttributeError as error:
-        raise _missing("Layer._call_context_args", "keras", TESTED_KERAS, error) from None
-
-
 def producing_operation(tensor):
     """The layer (operation) that produced a symbolic Keras tensor (`KerasTensor._keras_history`)."""
     try:

@@ -1,11 +1,12 @@
 """The prediction path of evaluation and the `predict` script (the dashboard takes its
 probabilities from the Grad-CAM pass, which runs the same model with training=False).
 
-`Predictor` runs the model with the fastest engine that reproduces it (README "Performance"):
-ONNX Runtime on the model's ONNX export when one sits beside the `.keras` file (measured 5.1x
-the torch graph on a 2-core CPU), else on the torch backend (CPU or CUDA) a
-`keras_ham.torch_graph.TorchInferenceGraph`, else Keras itself (`predict_on_batch`). A fast
-engine is checked against the Keras model on a probe image before it is used.
+`Predictor` runs the model with ONNX Runtime on the model's ONNX export when one sits beside
+the `.keras` file (training writes it: config `export_onnx`; `scripts/export.py` for older
+models), else through Keras, on torch inside `keras_torch_fast_path` (fused BatchNorm, no
+layout copies). ONNX Runtime is checked against the Keras model on a probe image before it is
+used. Measured reason (README "Performance"): ONNX Runtime beat keras-ham's former home-made
+torch graph, which was retired with its private-attribute uses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import numpy as np
 from keras_ham.images import IMAGE_EXTENSIONS, ImageError, load_image
 from keras_ham.labels import CLASS_NAMES
 from keras_ham.model import load_classifier, model_image_size
-from keras_ham.torch_graph import GRAPH_CHECK_TOLERANCE, TorchInferenceGraph, model_device
+from keras_ham.device import model_device
+from keras_ham.internals import keras_torch_fast_path
+
+#: Largest difference from the Keras probabilities on a probe image at which an ONNX export is used.
+ENGINE_CHECK_TOLERANCE = 1e-4
 
 #: Test-time augmentation views: identity, horizontal, vertical and both flips.
 TTA_FLIPS = ((False, False), (False, True), (True, False), (True, True))
@@ -48,15 +53,12 @@ def onnx_beside(model_path: str | os.PathLike) -> Path | None:
 class Predictor:
     """Class probabilities for batches of raw RGB images (N, S, S, 3), 0..255.
 
-    Engines, in order (`self.engine` says which is in use; `self.fast_path` is True for
-    either of the first two):
+    Engines (`self.engine` says which is in use; `self.fast_path` is True for the first):
       "onnxruntime"  with `onnx_path` (`from_file` finds the export beside the model, see
-                     `onnx_beside`) and onnxruntime installed, on the CPU;
-      "torch_graph"  torch backend on CPU or CUDA: a `TorchInferenceGraph` built from the model;
+                     `onnx_beside`), onnxruntime installed and the model on the CPU;
       "keras"        the model called through Keras.
-    A fast engine is used only after it matched the Keras model on a probe image; when it does
-    not (or cannot be built) a warning says so and the next one is tried. The torch graph
-    copies the weights when the Predictor is built: make a new Predictor after changing them.
+    ONNX Runtime is used only after it matched the Keras model on a probe image; when it does
+    not (or cannot run the file) a warning says so and Keras runs the model.
     """
 
     def __init__(self, model: keras.Model, *, batch_size: int = 32, tta: bool = False, fast_path: bool = True,
@@ -68,9 +70,7 @@ class Predictor:
         self._backend = keras.backend.backend()
         self._device = model_device(model) if self._backend == "torch" else None
         self._session = self._open_onnx(Path(onnx_path)) if fast_path and onnx_path is not None else None
-        use_graph = fast_path and self._session is None and self._backend == "torch"
-        self._graph = self._build_graph() if use_graph else None
-        self.engine = "onnxruntime" if self._session else "torch_graph" if self._graph else "keras"
+        self.engine = "onnxruntime" if self._session else "keras"
         self.fast_path = self.engine != "keras"
 
     @classmethod
@@ -84,7 +84,7 @@ class Predictor:
 
     def _open_onnx(self, path: Path):
         if self._device is not None and self._device.type != "cpu":
-            return None  # the model is on an accelerator: the torch graph runs there
+            return None  # the model is on an accelerator: Keras runs it there
         try:
             import onnxruntime
         except ImportError:
@@ -99,37 +99,12 @@ class Predictor:
             warnings.warn(f"{path}: ONNX Runtime cannot run it ({error}); not using it.", stacklevel=3)
             return None
         difference = float(np.max(np.abs(expected - received))) if expected.shape == received.shape else np.inf
-        if not difference <= GRAPH_CHECK_TOLERANCE:
-            warnings.warn(f"{path}: differs from the Keras model by {difference:.3g} (> {GRAPH_CHECK_TOLERANCE}) on "
+        if not difference <= ENGINE_CHECK_TOLERANCE:
+            warnings.warn(f"{path}: differs from the Keras model by {difference:.3g} (> {ENGINE_CHECK_TOLERANCE}) on "
                           "a probe image (an export of another model?); not using it.", stacklevel=3)
             return None
         self._onnx_input = name
         return session
-
-    def _build_graph(self) -> TorchInferenceGraph | None:
-        import torch
-
-        device = self._device
-        if device is None or device.type not in ("cpu", "cuda"):
-            return None  # DirectML/MPS: channels_last kernels are not guaranteed there
-        try:
-            graph = TorchInferenceGraph(self.model)
-            probe = torch.from_numpy(self._probe()).to(device)
-            with torch.inference_mode():
-                expected = self.model(probe, training=False).cpu().numpy()
-                received = graph(probe).cpu().numpy()
-        except Exception as error:  # noqa: BLE001 - any failure means: use the Keras path
-            warnings.warn(f"{self.model.name}: fast torch inference unavailable ({error}); using Keras.", stacklevel=3)
-            return None
-        difference = float(np.max(np.abs(expected - received))) if expected.shape == received.shape else np.inf
-        if not difference <= GRAPH_CHECK_TOLERANCE:
-            warnings.warn(
-                f"{self.model.name}: fast torch inference differs from the Keras model by {difference:.3g} "
-                f"(> {GRAPH_CHECK_TOLERANCE}) on a probe image; using Keras.",
-                stacklevel=3,
-            )
-            return None
-        return graph
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         if self._session is not None:
@@ -137,11 +112,8 @@ class Predictor:
         if self._backend == "torch":
             import torch
 
-            with torch.inference_mode():
-                if self._graph is not None:
-                    output = self._graph(torch.from_numpy(batch).to(self._device))
-                else:
-                    output = self.model(batch, training=False)
+            with torch.inference_mode(), keras_torch_fast_path():
+                output = self.model(torch.from_numpy(batch).to(self._device), training=False)
             return output.cpu().numpy()
         return np.asarray(keras.ops.convert_to_numpy(self.model.predict_on_batch(batch)))
 

@@ -79,6 +79,11 @@ class RunFolder:
         return self.path / BEST_MODEL
 
     @property
+    def onnx_model(self) -> Path:
+        """The ONNX export of best.keras (config `export_onnx`, scripts/export.py)."""
+        return self.best_model.with_suffix(".onnx")
+
+    @property
     def history(self) -> Path:
         return self.path / HISTORY
 

@@ -296,6 +296,25 @@ def _phases(config: Config) -> list[tuple[str, int, int]]:
     return phases
 
 
+def export_best_model(folder: RunFolder, log: Log = print) -> dict:
+    """best.keras -> best.onnx, which evaluate and predict then run with ONNX Runtime (README
+    "Performance" has the measured reason). A failure is reported, never fatal: the trained
+    model is already saved, and scripts/export.py can retry."""
+    from keras_ham.export import export_model_file
+
+    started = time.perf_counter()
+    try:
+        path = export_model_file(folder.best_model, folder.onnx_model)
+    except Exception as error:  # noqa: BLE001 - any failure leaves the run usable through Keras
+        message = f"{type(error).__name__}: {error}"
+        log(f"WARNING: ONNX export of {folder.best_model} failed ({message}); evaluate and predict will run "
+            f"the model through Keras. Retry: python scripts/export.py --model {folder.best_model}")
+        return {"written": False, "error": message[:500]}
+    seconds = time.perf_counter() - started
+    log(f"exported {path} in {seconds:.1f} s (evaluate and predict run it with ONNX Runtime)")
+    return {"written": True, "file": path.name, "seconds": round(seconds, 1)}
+
+
 def prepare_demo_data(config: Config, log: Log = print) -> None:
     """Create the synthetic demo data and its split when `config.demo_data` names a folder
     and they are missing, so one command trains on a fresh clone."""
@@ -466,6 +485,8 @@ def train(
     if context.is_main:  # the whole validation split (val_data is this rank's shard under torchrun)
         full_val = val_data if context.world_size == 1 else dataset_from_split_csv(config.val_csv, config, training=False)
         summary.update(fit_on_validation(run_dir, config, full_val, log))  # temperature and OOD threshold
+        if config.export_onnx:  # last: the export must be of the final (calibrated) best.keras
+            summary["onnx_export"] = export_best_model(folder, log)
         write_json_atomic(folder.summary, summary)
         shutil.rmtree(folder.state_dir, ignore_errors=True)
     distributed.close()

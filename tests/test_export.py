@@ -76,10 +76,12 @@ def test_script_exports_onnx_that_onnxruntime_runs_like_keras(tiny_demo, repo_ro
     assert predictor.engine == "onnxruntime" and predictor.fast_path
     np.testing.assert_allclose(predictor.predict(images), expected, atol=1e-4, rtol=0)
     os.utime(model_path, (onnx_path.stat().st_mtime + 10,) * 2)  # the model is newer than its export
-    assert Predictor.from_file(model_path, batch_size=4).engine == "torch_graph"
+    stale = Predictor.from_file(model_path, batch_size=4)
+    assert stale.engine == "keras" and not stale.fast_path
+    np.testing.assert_allclose(stale.predict(images), expected, atol=1e-5, rtol=0)  # Keras, on its fast path
     with pytest.warns(UserWarning, match="differs from the Keras model"):  # an export of another model
         other = Predictor(trained_looking_model(seed=1), onnx_path=onnx_path)
-    assert other.engine == "torch_graph"
+    assert other.engine == "keras"
 
 
 def test_export_refuses_a_non_float32_model(tmp_path):
@@ -110,3 +112,38 @@ def test_script_rejects_bad_input(repo_root, tmp_path, capsys, args, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_training_writes_the_onnx_export_and_evaluation_runs_it(tiny_demo, tmp_path, monkeypatch):
+    """export_onnx (the default): best.onnx beside best.keras, newer than it, recorded in the
+    summary; the Predictor of evaluate/predict runs it. A failing export leaves a usable run."""
+    from conftest import tiny_config
+    from keras_ham import train as train_module
+    from keras_ham.runs import RunFolder
+
+    result = train_module.train(tiny_config(tiny_demo, tmp_path, export_onnx=True, max_epochs=1, image_size=SIZE),
+                                log=lambda _: None,
+                                verbose=0)
+    folder = RunFolder(result.run_dir)
+    assert folder.onnx_model.is_file()
+    assert folder.onnx_model.stat().st_mtime >= folder.best_model.stat().st_mtime
+    assert result.summary["onnx_export"]["written"] is True
+    predictor = Predictor.from_file(folder.best_model, batch_size=4)
+    assert predictor.engine == "onnxruntime"
+    images, _ = five_images(tiny_demo)
+    expected = keras.ops.convert_to_numpy(predictor.model(images, training=False))
+    np.testing.assert_allclose(predictor.predict(images), expected, atol=1e-4, rtol=0)
+
+    import keras_ham.export
+
+    def broken(*args, **kwargs):
+        raise ExportError("exporter broke")
+
+    monkeypatch.setattr(keras_ham.export, "export_model_file", broken)
+    lines = []
+    failed = train_module.train(tiny_config(tiny_demo, tmp_path, export_onnx=True, max_epochs=1, run_name="broken"),
+                                log=lines.append, verbose=0)
+    assert failed.summary["onnx_export"] == {"written": False, "error": "ExportError: exporter broke"}
+    assert not RunFolder(failed.run_dir).onnx_model.exists() and RunFolder(failed.run_dir).best_model.is_file()
+    assert any("scripts/export.py --model" in line for line in lines)
+    assert Predictor.from_file(RunFolder(failed.run_dir).best_model).engine == "keras"

@@ -40,19 +40,6 @@ def test_keras_version_is_within_the_tested_range():
     assert f"keras{internals.TESTED_KERAS}" in requirements
 
 
-def test_nodes_deepest_first_lists_layers_in_execution_order():
-    model = tiny_functional_model()
-    names = [node.operation.name for node in internals.nodes_deepest_first(model) if not node.is_input]
-    assert names == ["conv", "bn", "drop", "pool", "logits", "probabilities"]
-
-
-def test_call_takes_training():
-    model = tiny_functional_model()
-    # the layers whose inference differs from training must get training=False
-    assert internals.call_takes_training(model.get_layer("drop")) is True
-    assert internals.call_takes_training(model.get_layer("bn")) is True
-
-
 def test_producing_operation_of_a_model_output():
     model = tiny_functional_model()
     assert internals.producing_operation(model.outputs[0]) is model.get_layer("probabilities")
@@ -98,8 +85,6 @@ def test_drop_panel_fast_theme_fonts():
 
 
 @pytest.mark.parametrize("function, argument, attribute", [
-    (internals.nodes_deepest_first, types.SimpleNamespace(), "Functional._nodes_by_depth"),
-    (internals.call_takes_training, types.SimpleNamespace(), "Layer._call_context_args"),
     (internals.producing_operation, types.SimpleNamespace(), "KerasTensor._keras_history.operation"),
 ])
 def test_a_missing_keras_attribute_is_named_with_the_version(function, argument, attribute):
