@@ -353,12 +353,26 @@ def temperature_report(logits, y_true, *, source: str | None = None, allow_bound
         "objective": "negative log-likelihood (bounded Brent search over 1/T)",
         "bounds": [low, high],
         "at_bound": bound is not None,
-        "before": {name: float(before[name][0]) for name in _FIT_REPORTED},
-        "after": {name: float((before if skipped else at_fitted)[name][0]) for name in _FIT_REPORTED},
+        "before": _fit_values(before, logits, y_true, 1.0),
+        "after": _fit_values(at_fitted, logits, y_true, fitted) if not skipped else _fit_values(before, logits, y_true, 1.0),
+        "nll_note": "NLL here is exact (log-softmax of the logits, the fit's objective); evaluation's NLL from "
+                    "probabilities floors p at 1e-12, which caps what a confidently wrong image costs",
     }
     if skipped:
-        report["at_fitted_temperature"] = {name: float(at_fitted[name][0]) for name in _FIT_REPORTED}
+        report["at_fitted_temperature"] = _fit_values(at_fitted, logits, y_true, fitted)
     return report
+
+
+def _fit_values(values: dict, logits, y_true, temperature: float) -> dict:
+    """The reported values of one row, with the NLL computed exactly from the logits.
+
+    From probabilities the NLL has to floor p (float32 outputs underflow to 0), and with the
+    floor a temperature that lowers the exact NLL can raise the floored one: measured on a
+    from-scratch ResNet50 (64 px, 3 epochs, logits up to 150) on real validation images,
+    exact NLL 1.803 -> 1.715 at T = 1.73 but floored 1.557 -> 1.609."""
+    out = {name: float(values[name][0]) for name in _FIT_REPORTED}
+    out["nll"] = temperature_nll(logits, y_true, temperature)
+    return out
 
 
 def calibrate_classifier(model, batches, y_true, *, batch_size: int = 32, source: str | None = None,
