@@ -147,3 +147,34 @@ def test_training_writes_the_onnx_export_and_evaluation_runs_it(tiny_demo, tmp_p
     assert not RunFolder(failed.run_dir).onnx_model.exists() and RunFolder(failed.run_dir).best_model.is_file()
     assert any("scripts/export.py --model" in line for line in lines)
     assert Predictor.from_file(RunFolder(failed.run_dir).best_model).engine == "keras"
+
+
+def test_calibrated_model_exports_with_its_temperature(tiny_demo, tmp_path):
+    """A model with the temperature layer (keras_ham.model.with_temperature, as training and
+    scripts/calibrate.py build it) exports through export_model_file: ONNX Runtime gives the
+    calibrated probabilities (within 1e-4 of Keras), not the uncalibrated ones."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from keras_ham.calibration import save_model_atomic
+    from keras_ham.export import export_model_file
+    from keras_ham.model import load_classifier, model_temperature, with_temperature
+
+    uncalibrated = trained_looking_model()
+    images, _ = five_images(tiny_demo)
+    plain = keras.ops.convert_to_numpy(uncalibrated(images, training=False))
+    model_path = tmp_path / "best_calibrated.keras"
+    save_model_atomic(with_temperature(uncalibrated, 0.4), model_path)
+    calibrated = load_classifier(model_path)
+    assert model_temperature(calibrated) == pytest.approx(0.4)
+    expected = keras.ops.convert_to_numpy(calibrated(images, training=False))
+    assert np.abs(expected - plain).max() > 1e-2  # the temperature changes the probabilities
+    np.testing.assert_array_equal(expected.argmax(axis=1), plain.argmax(axis=1))
+
+    onnx_path = export_model_file(model_path)
+    assert onnx_path == tmp_path / "best_calibrated.onnx"
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    received = session.run(None, {"image": images})[0]
+    np.testing.assert_allclose(received, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(received.sum(axis=1), 1.0, atol=1e-5)
+    predictor = Predictor.from_file(model_path, batch_size=4)
+    assert predictor.engine == "onnxruntime"
+    np.testing.assert_allclose(predictor.predict(images), expected, atol=1e-4, rtol=0)
