@@ -255,9 +255,14 @@ async def _card_shown(page, upload: UploadFile) -> str | None:
         return None
     message = page.locator(".kh-error-card .kh-error-msg").filter(has_text=upload.name)
     await message.first.wait_for(state="visible")
-    text = await message.first.inner_text()
     wanted = "upload limit" if upload.kind == "oversized" else "image"
-    return None if wanted in text else f"{upload.name}: unexpected message {text!r}"
+    text = ""
+    for _ in range(25):  # Panel can re-render the card between the wait and the read (seen once: '')
+        text = (await message.first.inner_text()).strip()
+        if wanted in text:
+            return None
+        await asyncio.sleep(0.2)
+    return f"{upload.name}: unexpected message {text!r}"
 
 
 async def run_session(browser, url: str, session: int, files: Sequence[UploadFile], all_names: set[str],
