@@ -883,7 +883,15 @@ def _compile_as_training(model, config, choice, jit_compile: bool = False) -> No
 
     _compile(model, config, config.lr, choice, distributed.context(getattr(choice, "kind", "cpu") or "cpu"))
     if jit_compile:
-        model.jit_compile = True
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras's own warning; ours names the layers
+            model.jit_compile = True
+        if not model.jit_compile:  # Keras refuses when any layer has supports_jit=False
+            refusing = [layer.name for layer in model.layers if not getattr(layer, "supports_jit", True)]
+            print(f"  jit_compile refused by Keras (supports_jit=False: {', '.join(refusing)}); measuring eager",
+                  flush=True)
 
 
 def _torchvision_available() -> bool:

@@ -214,8 +214,9 @@ def test_quick_run_writes_json_and_prints_table(repo_root, tmp_path):
     worker = results["workers"][0]
     assert worker["backend"] == "torch" and worker["runtime"]["threads"] == 1
     assert len(worker["load_before"]) == 3
-    assert results["inference"]["fast_path"] is True
+    assert results["inference"]["fast_path"] is True and results["inference"]["predictor_engine"] == "onnxruntime"
     assert results["inference"]["fast_path_max_abs_difference"] < 1e-4
+    assert results["train"]["keras_torch_jit_compile"] is False  # the lever is off unless --jit-compile
     assert set(results["train"]["images_per_second"]) == {"keras_fit_torch", "torch_loop", "torchvision_nchw",
                                                           "torchvision_channels_last"}
     assert results["memory"]["peak_rss_mb"]["torch_fit"] > 0
@@ -232,3 +233,20 @@ def test_quick_run_writes_json_and_prints_table(repo_root, tmp_path):
                  "gradcam / forward+backward", "peak RSS torch_fit"):
         assert line in completed.stdout
     assert f"wrote {out}" in completed.stdout
+
+
+def test_jit_compile_lever_compiles_the_model_as_training_does_plus_jit(tmp_path):
+    """--jit-compile sets model.jit_compile on the exact training compile; off by default."""
+    from keras_ham.model import build_model
+
+    assert bench.make_options().jit_compile is False
+    assert bench.make_options(jit_compile=True).jit_compile is True
+    config = bench._bench_config({"model": "resnet18", "image_size": 32, "batch_size": 4})
+    for wanted in (False, True):
+        model = build_model(config.replace(augment_rotation=0.0))
+        bench._compile_as_training(model, config, None, wanted)
+        assert model.jit_compile is wanted and model.optimizer is not None
+    # The default model has RandomRotation (supports_jit=False): Keras refuses and runs eager.
+    model = build_model(config)
+    bench._compile_as_training(model, config, None, True)
+    assert model.jit_compile is False
