@@ -399,11 +399,7 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
         }
         anchors = {f: steps(f"torchvision_{f}") for f in TORCHVISION_FORMATS if steps(f"torchvision_{f}")}
         if anchors:
-            for memory_format, values in anchors.items():
-                train["images_per_second"][f"torchvision_{memory_format}"] = _ips(batch, values)
-            faster = min(anchors, key=lambda f: median(anchors[f]))
-            train["torchvision_format"] = faster
-            train["keras_vs_torchvision_ratio"] = paired_ratio(anchors[faster], fit)
+            _against_torchvision(train, anchors, fit, batch, "keras_vs_torchvision_ratio")
             for memory_format, values in anchors.items():
                 train[f"keras_vs_torchvision_{memory_format}_ratio"] = paired_ratio(values, fit)
         warmup = [s for t in torch_train for s in t.get("warmup_fit_seconds_per_step", [])]
@@ -493,6 +489,17 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
     return results
 
 
+def _against_torchvision(section: dict, anchors: dict[str, list[float]], ours: Sequence[float], batch: int,
+                         ratio_name: str) -> None:
+    """Into `section`: torchvision's images/s per memory format, the faster format, and
+    `ratio_name` = ours / the faster format, from per-step pairs (> 1: ours is faster)."""
+    for memory_format, values in anchors.items():
+        section["images_per_second"][f"torchvision_{memory_format}"] = _ips(batch, values)
+    faster = min(anchors, key=lambda f: median(anchors[f]))
+    section["torchvision_format"] = faster
+    section[ratio_name] = paired_ratio(anchors[faster], ours)
+
+
 def _summarize_inference(workers: list[dict], batch: int) -> dict:
     torch_runs = _collect(workers, "torch", "inference")
     tf_runs = _collect(workers, "tensorflow", "inference")
@@ -518,11 +525,7 @@ def _summarize_inference(workers: list[dict], batch: int) -> dict:
     seconds = lambda key: [s for t in torch_runs for s in t["batch_seconds"].get(key, [])]  # noqa: E731
     anchors = {f: seconds(f"torchvision_{f}") for f in TORCHVISION_FORMATS if seconds(f"torchvision_{f}")}
     if anchors:
-        for memory_format, values in anchors.items():
-            inference["images_per_second"][f"torchvision_{memory_format}"] = _ips(batch, values)
-        faster = min(anchors, key=lambda f: median(anchors[f]))
-        inference["torchvision_format"] = faster
-        inference["predictor_vs_torchvision_ratio"] = paired_ratio(anchors[faster], predictor)
+        _against_torchvision(inference, anchors, predictor, batch, "predictor_vs_torchvision_ratio")
     engines: dict = {"images_per_second": {}, "vs_predictor_ratio": {}}
     for engine in ENGINES:
         if seconds(engine):
