@@ -154,7 +154,9 @@ def _batchnorm_model(seed: int = 0) -> keras.Model:
     weights and moving statistics so that every term of the batch norm matters."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((9, 9, 3), name="image")
-    x = keras.layers.Conv2D(6, 3, padding="same", name="conv1")(inputs)
+    # No bias before the training-mode BN: its gradient is exactly zero, so two implementations
+    # would only be compared on rounding noise (measured +-5e-6 against atol 1e-5).
+    x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, name="conv1")(inputs)
     x = keras.layers.BatchNormalization(momentum=0.7, name="bn1")(x)
     x = keras.layers.Activation("relu")(x)
     x = keras.layers.MaxPooling2D(2, name="pool1")(x)
@@ -190,11 +192,18 @@ def _training_step(model, x):
 def test_the_torch_fast_path_computes_what_keras_computes():
     """Training-mode outputs, every gradient and the updated moving statistics, then the
     inference outputs, equal Keras's own code; a layout view and one fused batch norm per
-    BatchNormalization call are actually used inside the block, and nothing after it."""
+    BatchNormalization call are actually used inside the block, and nothing after it.
+
+    Measured on a 2-core AMD EPYC (AVX-512), torch threads 1 and 2, model/input seeds 0-2:
+    output differences <= 1.1e-6 (tolerance 1e-5); the worst gradient or statistic used <= 0.23
+    of its tolerance."""
     import torch
     from keras.src.backend.torch import nn as keras_torch_nn
 
-    x = np.random.default_rng(1).normal(3, 2, (4, 9, 9, 3)).astype("float32")
+    # Mean 1, not larger: Keras computes the variance as E[x^2] - E[x]^2, whose cancellation
+    # error grows with mean^2 / variance (at mean 3, std 2 the first kernel's gradient used 0.64
+    # of its tolerance); that is Keras's rounding, not a difference in what is computed.
+    x = np.random.default_rng(1).normal(1, 1, (4, 9, 9, 3)).astype("float32")
     reference, fast = _batchnorm_model(), _batchnorm_model()
     expected = _training_step(reference, x)
     calls = []
