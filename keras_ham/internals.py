@@ -240,9 +240,105 @@ def keras_torch_fused_batch_norm() -> Iterator[None]:
         batch_norm.call = original
 
 
+#: sha256 of the source of `keras.src.ops.function.Function._run_through_graph` in the Keras
+#: versions whose graph walk `_graph_walk_freeing_intermediates` reproduces, by version.
+#: Another source means Keras changed the walk: Keras's own then runs (correct, more memory).
+REPRODUCED_GRAPH_WALKS = {
+    "5647b6f0591c07aad94eed31cd55cd95e55ed20e258b44503c8e891a8503be08": "3.15.1",
+}
+
+
+def keras_graph_walk_fingerprint() -> str | None:
+    """sha256 of the installed `Function._run_through_graph` source; None when unreadable."""
+    import hashlib
+
+    try:
+        from keras.src.ops.function import Function
+    except ImportError as error:
+        raise _missing("keras.src.ops.function.Function", "keras", TESTED_KERAS, error) from None
+    method = getattr(Function, "_run_through_graph", None)
+    if method is None:
+        raise _missing("Function._run_through_graph", "keras", TESTED_KERAS)
+    try:
+        return hashlib.sha256(inspect.getsource(method).encode()).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+def _graph_walk_freeing_intermediates(original):
+    """`Function._run_through_graph` as Keras 3.15 walks it, except that each intermediate
+    tensor is dropped as soon as its last consumer has run.
+
+    Keras keeps every layer's output in the walk's `tensor_dict` until the whole forward pass
+    ends; torch then cannot free the outputs autograd does not save (every BatchNormalization
+    and Add output of a ResNet), so a training step's peak holds about one extra activation
+    per layer. Symbolic walks (`call_fn`) go to Keras's own.
+    """
+    from keras.src import tree
+
+    def walk(self, inputs, operation_fn=lambda op: op, call_fn=None):
+        if call_fn is not None:
+            return original(self, inputs, operation_fn=operation_fn, call_fn=call_fn)
+        inputs = tree.flatten(inputs)
+        tensor_dict = {id(x): y for x, y in zip(self.inputs, inputs)}
+        nodes = [
+            node
+            for depth in sorted(self._nodes_by_depth.keys(), reverse=True)
+            for node in self._nodes_by_depth[depth]
+            if node.operation and not node.is_input
+        ]
+        consumers: dict[int, int] = {}
+        for node in nodes:
+            for x in node.input_tensors:
+                consumers[id(x)] = consumers.get(id(x), 0) + 1
+        kept = {id(x) for x in self.outputs}
+        for node in nodes:
+            if any(id(x) not in tensor_dict for x in node.input_tensors):
+                continue  # not computable, as in Keras: its inputs stay
+            args, kwargs = node.arguments.fill_in(tensor_dict)
+            outputs = operation_fn(self._get_operation_for_node(node))(*args, **kwargs)
+            del args, kwargs
+            for x, y in zip(node.outputs, tree.flatten(outputs)):
+                tensor_dict[id(x)] = y
+            del outputs
+            for x in node.input_tensors:
+                consumers[id(x)] -= 1
+                if consumers[id(x)] == 0 and id(x) not in kept:
+                    tensor_dict.pop(id(x), None)
+        output_tensors = []
+        for i, x in enumerate(self.outputs):
+            if id(x) not in tensor_dict:
+                path = ".".join(str(p) for p in tree.flatten_with_path(self._outputs_struct)[i][0])
+                raise ValueError(f"Output with path `{path}` is not connected to `inputs`")
+            output_tensors.append(tensor_dict[id(x)])
+        return tree.pack_sequence_as(self._outputs_struct, output_tensors)
+
+    return walk
+
+
+@contextlib.contextmanager
+def keras_functional_frees_intermediates() -> Iterator[bool]:
+    """Inside the block, functional models free each layer's output after its last use (see
+    `_graph_walk_freeing_intermediates`); yields whether it is in effect. Only when the
+    installed walk is one in REPRODUCED_GRAPH_WALKS (it uses the same private attributes as
+    that walk: `_nodes_by_depth`, `_get_operation_for_node`, `_outputs_struct`, `Node.arguments`),
+    otherwise Keras's own runs unchanged."""
+    from keras.src.ops.function import Function
+
+    if keras_graph_walk_fingerprint() not in REPRODUCED_GRAPH_WALKS:
+        yield False
+        return
+    original = Function.__dict__["_run_through_graph"]
+    Function._run_through_graph = _graph_walk_freeing_intermediates(original)
+    try:
+        yield True
+    finally:
+        Function._run_through_graph = original
+
+
 @contextlib.contextmanager
 def keras_torch_fast_path() -> Iterator[None]:
-    """The two torch-backend speed-ups above together; nothing on other backends.
+    """The torch-backend speed-ups above together; nothing on other backends.
 
     Used around training and the Keras inference engine. Measured on a 2-core AMD EPYC,
     ResNet50 at 128 px, batch 16: see README "Performance".
@@ -252,7 +348,7 @@ def keras_torch_fast_path() -> Iterator[None]:
     if keras.backend.backend() != "torch":
         yield
         return
-    with keras_torch_conv_inputs_as_views(), keras_torch_fused_batch_norm():
+    with keras_torch_conv_inputs_as_views(), keras_torch_fused_batch_norm(), keras_functional_frees_intermediates():
         yield
 
 

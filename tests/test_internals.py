@@ -7,6 +7,7 @@ requirements.txt and pyproject.toml).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
@@ -260,3 +261,122 @@ def test_a_missing_batch_norm_call_is_named(monkeypatch):
     with pytest.raises(LibraryInternalsError, match=r"BatchNormalization.call is missing from keras"):
         with internals.keras_torch_fused_batch_norm():
             pass
+
+
+# --------------------------------------------------------------------------- functional graph walk
+
+
+def test_the_installed_graph_walk_is_the_one_keras_ham_reproduces():
+    """Fails when Keras changes `Function._run_through_graph`: compare the new walk with
+    `_graph_walk_freeing_intermediates`, update it, then add the new fingerprint. Until then
+    training runs Keras's own walk (correct, more memory)."""
+    fingerprint = internals.keras_graph_walk_fingerprint()
+    assert fingerprint in internals.REPRODUCED_GRAPH_WALKS, (
+        f"keras {keras.__version__}: Function._run_through_graph has fingerprint {fingerprint}, not one of "
+        f"{sorted(internals.REPRODUCED_GRAPH_WALKS)}")
+
+
+def _branching_model() -> keras.Model:
+    """Branches, a layer shared by two branches, a nested model, an output that another layer
+    also consumes, and a layer given the same tensor twice."""
+    inner_inputs = keras.Input((6,))
+    inner = keras.Model(inner_inputs, keras.layers.Dense(6, activation="relu")(inner_inputs), name="inner")
+    inputs = keras.Input((6,), name="x")
+    shared = keras.layers.Dense(6, name="shared")
+    a = shared(inputs)
+    b = shared(keras.layers.Dense(6, name="pre")(inputs))
+    c = keras.layers.Add(name="twice")([a, a])
+    d = inner(keras.layers.Add(name="join")([b, c]))
+    first = keras.layers.Dense(3, name="first")(d)
+    second = keras.layers.Dense(2, name="second")(keras.layers.Concatenate()([first, a]))
+    return keras.Model(inputs, [first, second])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="measured on torch")
+def test_the_freeing_graph_walk_computes_what_keras_computes():
+    import torch
+
+    keras.utils.set_random_seed(0)
+    model = _branching_model()
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 6)).astype("float32"))
+
+    def outputs_and_gradients():
+        for variable in model.trainable_variables:
+            variable.value.grad = None
+        first, second = model(x, training=True)
+        (first.square().sum() + second.sum()).backward()
+        return [first.detach().numpy(), second.detach().numpy()] + [
+            v.value.grad.numpy().copy() for v in model.trainable_variables]
+
+    expected = outputs_and_gradients()
+    with internals.keras_functional_frees_intermediates() as in_effect:
+        received = outputs_and_gradients()
+    assert in_effect
+    assert len(received) == len(expected) == 2 + len(model.trainable_variables)
+    for got, want in zip(received, expected):
+        np.testing.assert_array_equal(got, want)  # the same ops in the same order
+    # symbolic calls (building a model on top) go to Keras's own walk
+    with internals.keras_functional_frees_intermediates():
+        symbolic = model(keras.Input((6,)))
+    assert [tuple(t.shape) for t in symbolic] == [(None, 3), (None, 2)]
+
+
+class _Recorded(keras.layers.Layer):
+    """Multiplies by 2 (autograd saves nothing) and keeps a weak reference to its output."""
+
+    def __init__(self, record, **kwargs):
+        super().__init__(**kwargs)
+        self.record = record  # a namespace: Keras would copy a list attribute into its own tracker
+
+    def call(self, x):
+        import weakref
+
+        y = x * 2.0
+        self.record.refs.append(weakref.ref(y))
+        return y
+
+
+class _CountAlive(keras.layers.Layer):
+    def __init__(self, record, **kwargs):
+        super().__init__(**kwargs)
+        self.record = record
+
+    def call(self, x):
+        self.record.alive.append(sum(ref() is not None for ref in self.record.refs))
+        return x + 1.0
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="measured on torch")
+@pytest.mark.parametrize("freeing", [False, True])
+def test_the_freeing_graph_walk_drops_outputs_after_their_last_use(freeing):
+    """With Keras's own walk, all five intermediate outputs are alive when the last layer
+    runs; with the freeing walk, only the one it is given."""
+    import torch
+
+    record = types.SimpleNamespace(refs=[], alive=[])
+    inputs = keras.Input((4,))
+    x = inputs
+    for index in range(5):
+        x = _Recorded(record, name=f"r{index}")(x)
+    model = keras.Model(inputs, _CountAlive(record)(x))
+    block = internals.keras_functional_frees_intermediates() if freeing else contextlib.nullcontext()
+    record.refs.clear()
+    record.alive.clear()
+    with block:
+        model(torch.ones(2, 4))
+    assert record.alive == [1 if freeing else 5]
+
+
+def test_an_unknown_graph_walk_leaves_keras_alone(monkeypatch):
+    from keras.src.ops.function import Function
+
+    walk = Function._run_through_graph
+    monkeypatch.setattr(internals, "REPRODUCED_GRAPH_WALKS", {})
+    with internals.keras_functional_frees_intermediates() as in_effect:
+        assert not in_effect and Function._run_through_graph is walk
+    monkeypatch.undo()
+    with pytest.raises(ZeroDivisionError):
+        with internals.keras_functional_frees_intermediates() as in_effect:
+            assert in_effect and Function._run_through_graph is not walk
+            1 / 0
+    assert Function._run_through_graph is walk  # restored after an error
