@@ -269,9 +269,10 @@ def prepare_images(options: BenchOptions, work_dir: Path, count: int) -> dict:
 
 def _worker_tasks(options: BenchOptions, backend: str) -> list[str]:
     """Tasks of one backend's worker, training first (its peak RSS is then the training peak).
-    Grad-CAM, the loader and the breakdown are measured on torch only."""
+    Grad-CAM, the loader and the breakdown are measured on torch only. `memory` alone runs
+    only the isolated memory workers (the ratio comes from them), not the training worker."""
     wanted = set(options.sections)
-    tasks = ["train"] if wanted & {"train", "memory"} else []
+    tasks = ["train"] if "train" in wanted else []
     extra = ("inference", "gradcam", "loader", "breakdown") if backend == "torch" else ("inference",)
     return tasks + [task for task in extra if task in wanted]
 

@@ -52,6 +52,15 @@ def test_options_quick_preset_overrides_and_validation():
             bench.make_options(**bad)
 
 
+def test_worker_tasks_follow_the_sections():
+    """`--only memory` runs only the isolated memory workers (no interleaved training worker)."""
+    tasks = bench._worker_tasks
+    assert tasks(bench.make_options(sections=("memory",)), "torch") == []
+    assert tasks(bench.make_options(sections=("memory", "train")), "torch") == ["train"]
+    assert tasks(bench.make_options(sections=("train", "gradcam")), "tensorflow") == ["train"]
+    assert tasks(bench.make_options(sections=("inference", "loader")), "torch") == ["inference", "loader"]
+
+
 def fake_workers():
     """Raw worker timings with known answers: fit 0.5 s/step vs loop 0.4 s/step, etc."""
     torch_worker = {
