@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 from keras_ham.errors import KerasHamError
+from keras_ham.internals import keras_torch_fused_batch_norm
 from keras_ham.io_utils import atomic_path, check_output_file
 from keras_ham.model import INPUT_NAME, OUTPUT_LAYER, load_classifier, model_image_size
 
@@ -100,7 +101,10 @@ def _torch_export(model: keras.Model, path: Path, size: int, opset: int) -> None
 
     # A batch of 2: torch.export specializes a dimension of size 1 to a constant.
     sample = torch.zeros((2, size, size, 3), dtype=torch.float32, device=model_device(model))
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+    # Fused BatchNorm: the graph gets ONNX BatchNormalization nodes, which ONNX Runtime folds
+    # into the convolutions; Keras's own layer exports as Sub/Mul/Add, which it cannot fold
+    # (ResNet50, 128 px, batch 16: 1.12x the images/s and 19 s instead of 28 s to export).
+    with contextlib.redirect_stdout(io.StringIO()), keras_torch_fused_batch_norm():
         program = torch.onnx.export(
             Inference(model).eval(), (sample,), dynamo=True, opset_version=opset, verbose=False,
             input_names=[INPUT_NAME], output_names=[OUTPUT_LAYER],

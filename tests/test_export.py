@@ -60,6 +60,13 @@ def test_script_exports_onnx_that_onnxruntime_runs_like_keras(tiny_demo, repo_ro
     assert f"wrote {onnx_path}" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
 
+    import onnx
+
+    operators = {node.op_type for node in onnx.load(onnx_path).graph.node}
+    # BatchNorm exported as one batch norm, which the exporter (or ONNX Runtime) folds into the
+    # convolutions, not as Keras's own Sub/Mul/Add arithmetic (20 Sub and 20 Mul here)
+    assert not operators & {"Sub", "Mul"}, sorted(operators)
+
     images, _ = five_images(tiny_demo)
     expected = keras.ops.convert_to_numpy(model(images, training=False))
     assert expected.std() > 1e-3  # probabilities that differ between images, not a flat 1/7
