@@ -618,8 +618,6 @@ def test_app_marks_every_prediction_of_a_demo_model(app_module, tmp_path):
 def test_card_flags_an_upload_by_the_runs_feature_statistics(app_module, bundle):
     """The trained run stores the feature-statistics score (keras_ham.ood): a card's score is the
     distance of its image's stem statistics, one extra pass; above the threshold the card says so."""
-    import dataclasses
-
     from keras_ham.ood import FEATURE_SCORE
 
     assert bundle.ood["score"] == FEATURE_SCORE and bundle.feature_ood is not None
