@@ -634,3 +634,18 @@ def test_card_flags_an_upload_by_the_runs_feature_statistics(app_module, bundle)
     assert flagged.unfamiliar
     shown = app_module.prediction_html(flagged, 0.5)
     assert "pool1_pool feature statistics" in shown and "Do not trust this prediction" in shown
+
+
+def test_a_damaged_ood_statistics_file_falls_back_to_the_energy_flag(bundle, tmp_path):
+    import shutil
+
+    from keras_ham.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "copy")
+    shutil.copytree(RunFolder.of_model(bundle.path).path, folder.path)
+    folder.ood_statistics.write_bytes(b"cut off")
+    with pytest.warns(UserWarning, match="ood_statistics.npz"):
+        damaged = logic.ModelBundle(folder.best_model)
+    assert damaged.feature_ood is None and damaged.ood["score"] == "energy"
+    card = logic.analyze_upload("lesion.png", image_bytes(seed=4), damaged, card_id=1)
+    assert card.ood_score is not None and np.isfinite(card.ood_score)  # the energy of its logits

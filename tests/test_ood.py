@@ -84,12 +84,13 @@ def test_energy_record_reads_old_and_new_summaries():
 #: 60 real images per class (268 train / 68 val / 84 test) and the demo data below.
 SIZE, EPOCHS, PER_CLASS, FRESH_REAL = 64, 3, 60, 200
 #: Bounds, with the values `both_ways` measured over seeds 0 and 1 and torch threads 1 and 2
-#: (2-core AMD EPYC; benchmarks/ood_scores.py gave the same): AUROC of own held-out images vs
+#: (2-core AMD EPYC; before and after main's augmentation fast path changed training's
+#: numerics; benchmarks/ood_scores.py gave the same before it): AUROC of own held-out images vs
 #: the other kind's; share of the other kind's (own) images flagged at the validation threshold
 #: (5 % false alarms).
-REAL_MODEL_MIN_AUROC = 0.85      # measured 0.915-0.951
-REAL_MODEL_MIN_FLAGGED = 0.35    # measured 0.50-0.64
-DEMO_MODEL_MIN_AUROC = 0.95      # measured 0.988-0.990
+REAL_MODEL_MIN_AUROC = 0.85      # measured 0.905-0.951
+REAL_MODEL_MIN_FLAGGED = 0.35    # measured 0.47-0.64
+DEMO_MODEL_MIN_AUROC = 0.95      # measured 0.988-0.991
 DEMO_MODEL_MIN_FLAGGED = 0.80    # measured 0.93-0.95
 OWN_MAX_FLAGGED = 0.15           # measured 0.028-0.071
 
