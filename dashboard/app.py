@@ -248,7 +248,8 @@ def prediction_html(card: logic.ImageCard, threshold: float) -> str:
     parts.append(f'<table class="kh-bars">{"".join(rows)}</table>')
     parts.append(f'<div class="kh-note kh-calibration">{html.escape(calibration_note(bundle))}</div>')
     if card.unfamiliar:
-        parts.append(f'<div class="kh-alt kh-ood">Unlike the images this model was validated on: energy score '
+        parts.append(f'<div class="kh-alt kh-ood">Unlike the images this model was trained on: '
+                     f'{html.escape(logic.ood_score_name(bundle.ood))} '
                      f'{card.ood_score:.2f} is above {bundle.ood["threshold"]:.2f}, which '
                      f'{100 * bundle.ood["false_alarm_rate"]:.0f}\u00a0% of validation images exceed. '
                      "Do not trust this prediction.</div>")
@@ -600,7 +601,8 @@ class DashboardSession:
                          "for real lesions.</div>" if data.is_demo else
                          f'<div class="kh-note kh-provenance">Training data: {html.escape(data.text)}</div>')
             ood = self.bundle.ood
-            ood_html = (f'<div class="kh-note">Out-of-distribution flag: energy score above {ood["threshold"]:.2f} '
+            ood_html = (f'<div class="kh-note">Out-of-distribution flag: {html.escape(logic.ood_score_name(ood))} '
+                        f'above {ood["threshold"]:.2f} '
                         f'(raised on {100 * ood["false_alarm_rate"]:.0f}\u00a0% of validation images).</div>'
                         if ood else '<div class="kh-note">No out-of-distribution threshold stored with this run.</div>')
             data_html += ood_html

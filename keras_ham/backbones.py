@@ -84,6 +84,9 @@ class Backbone:
     imagenet_preprocessing: the preprocessing that goes with that source's weights (None: the
                      backbone's own `preprocessing`).
     gradcam_layer:   the layer Grad-CAM explains by default (the last feature map).
+    ood_layer:       the early feature map whose channel statistics give the out-of-distribution
+                     score (keras_ham.ood); measured on ResNet-18 only (README section 5),
+                     the same stem layer of ResNet50 and EfficientNetB0 is an unmeasured choice.
     """
 
     name: str
@@ -93,6 +96,7 @@ class Backbone:
     gradcam_layer: str
     imagenet_source: Callable | None = None
     imagenet_preprocessing: Callable | None = None
+    ood_layer: str | None = None
 
 
 # --------------------------------------------------------------------------- builders
@@ -176,12 +180,12 @@ BACKBONES: dict[str, Backbone] = {
     backbone.name: backbone
     for backbone in (
         Backbone("resnet50", "ResNet50 (keras.applications)", _resnet50_features, caffe_preprocessing(),
-                 "conv5_block3_out", _resnet50_imagenet),
+                 "conv5_block3_out", _resnet50_imagenet, ood_layer="pool1_pool"),
         Backbone("resnet18", "ResNet-18 built in Keras (no ImageNet weights)", _resnet18_features,
-                 caffe_preprocessing(), "conv5_block2_out"),
+                 caffe_preprocessing(), "conv5_block2_out", ood_layer="pool1_pool"),
         Backbone("efficientnetb0", "EfficientNetB0 (keras.applications)", _efficientnet_b0_features,
                  efficientnet_preprocessing(), "top_activation", _efficientnet_b0_imagenet,
-                 _efficientnet_imagenet_preprocessing),
+                 _efficientnet_imagenet_preprocessing, ood_layer="stem_activation"),
     )
 }
 #: The model names config validation, the scripts and the README accept.

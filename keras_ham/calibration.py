@@ -402,19 +402,34 @@ def save_model_atomic(model, path) -> None:
         model.save(tmp)
 
 
-def fit_on_validation(run_dir, config, val_data, log=print) -> dict:
+def fit_on_validation(run_dir, config, val_data, log=print, train_data=None) -> dict:
     """After training, on the validation split: the out-of-distribution threshold, and (when
     `config.calibrate`) T, with `best.keras` rewritten atomically with T built in. Returns
-    {"calibration": report or None, "ood": threshold record} for summary.json."""
+    {"calibration": report or None, "ood": threshold record} for summary.json.
+
+    With `train_data` (the training split, unshuffled) and a backbone that names an
+    `ood_layer`, the record is the feature-statistics score of keras_ham.ood (its Gaussian
+    fitted on `train_data`, written to `RunFolder.ood_statistics`) with the energy record
+    nested under "energy"; otherwise the energy record alone, as older runs have it."""
     from keras_ham.model import load_classifier
+    from keras_ham.ood import fit_feature_ood, ood_layer_of
     from keras_ham.runs import RunFolder
 
-    path = RunFolder(run_dir).best_model
+    folder = RunFolder(run_dir)
+    path = folder.best_model
     model = load_classifier(path)
     logits = model_logits(model, val_data, batch_size=config.batch_size)
     ood = fit_ood_threshold(logits, source=str(config.val_csv))
-    log(f"out-of-distribution flag: energy above {ood['threshold']:.4f} (flags "
+    log(f"out-of-distribution energy threshold: {ood['threshold']:.4f} (flags "
         f"{ood['false_alarm_rate']:.0%} of validation images)")
+    layer = ood_layer_of(model) if train_data is not None else None
+    if layer is not None:
+        gaussian, record = fit_feature_ood(model, layer, train_data, val_data, batch_size=config.batch_size,
+                                           train_source=str(config.train_csv), val_source=str(config.val_csv))
+        gaussian.save(folder.ood_statistics)
+        ood = {**record, "statistics_file": folder.ood_statistics.name, "energy": ood}
+        log(f"out-of-distribution flag: {layer} channel statistics, distance above {record['threshold']:.4f} "
+            f"(flags {record['false_alarm_rate']:.0%} of validation images); wrote {folder.ood_statistics}")
     if not config.calibrate:
         return {"calibration": None, "ood": ood}
     calibrated, report = calibrate_classifier(model, val_data, val_data.labels, batch_size=config.batch_size,
@@ -509,8 +524,9 @@ def ood_flags(logits, ood: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stored_ood_threshold(summary_path: str | Path) -> dict | None:
-    """The "ood" record (energy threshold set on the validation split) of a run's summary.json,
-    or None when the file, or the record, is missing or unreadable."""
+    """The "ood" record of a run's summary.json: the feature-statistics score (keras_ham.ood,
+    its energy record nested under "energy") or, in older runs, the energy record; None when
+    the file, or the record, is missing or unreadable."""
     import json
 
     try:

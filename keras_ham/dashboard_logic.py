@@ -25,6 +25,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -38,7 +39,8 @@ from keras_ham.gradcam import GradCAM, GradCAMError, layer_choices, overlay
 from keras_ham.images import IMAGE_EXTENSIONS, ImageError, load_image
 from keras_ham.model import load_classifier, model_image_size, model_temperature
 from keras_ham.predict import top_classes
-from keras_ham.runs import BEST_MODEL, EVALUATION_PREFIX, RunFolder, read_labels
+from keras_ham.ood import FEATURE_SCORE, energy_record, feature_scorer_for_run
+from keras_ham.runs import BEST_MODEL, EVALUATION_PREFIX, RunFolder, RunFolderError, read_labels
 
 #: Largest upload accepted, in bytes (FilePond's "20MB" is 20,000,000 bytes too).
 MAX_UPLOAD_BYTES = 20_000_000
@@ -195,6 +197,14 @@ class ModelBundle:
         self.training_data = training_data(folder.path)
         #: The run's out-of-distribution threshold record (summary.json "ood"), or None.
         self.ood = stored_ood_threshold(folder.summary)  # no training code imported here
+        #: Scores an upload with the run's feature statistics (keras_ham.ood); None: energy only.
+        self.feature_ood = None
+        try:
+            self.feature_ood = feature_scorer_for_run(model, self.ood, folder.ood_statistics)
+        except RunFolderError as error:  # damaged statistics file: say so, fall back to the energy flag
+            warnings.warn(str(error), stacklevel=2)
+        if self.feature_ood is None:
+            self.ood = energy_record(self.ood)  # a feature record without its statistics file: energy
         #: Why training did not apply its fitted temperature (summary.json), or None.
         self.calibration_skipped = calibration_skipped(folder.summary) if self.temperature is None else None
         self.lock = threading.Lock()
@@ -202,9 +212,14 @@ class ModelBundle:
         # pay torch's one-off start-up cost (about a second for a ResNet50 on a CPU).
         self.gradcam.cam(np.zeros((1, self.image_size, self.image_size, 3), dtype=np.float32))
 
-    def ood_score(self, logits: np.ndarray | None) -> tuple[float | None, bool]:
-        """(energy score, above the run's validation threshold?) for one image's logits;
-        (None, False) when the run stores no threshold or there are no logits."""
+    def ood_score(self, model_input: np.ndarray, logits: np.ndarray | None) -> tuple[float | None, bool]:
+        """(score, above the run's validation threshold?) for one (S, S, 3) image: the
+        feature-statistics distance (one extra pass through the stem), or for older runs the
+        energy of its logits; (None, False) when the run stores no threshold."""
+        if self.feature_ood is not None:
+            with self.lock:
+                scores = self.feature_ood.scores(np.asarray(model_input, dtype=np.float32)[None])
+            return float(scores[0]), bool(self.feature_ood.flags(scores)[0])
         if self.ood is None or logits is None:
             return None, False
         scores, flagged = ood_flags(np.asarray(logits)[None], self.ood)
@@ -242,6 +257,13 @@ class ModelBundle:
                     raise GradCAMError(f"layer {layer!r} is not offered for this model; choose one of {', '.join(offered)}.")
                 self._gradcams[layer] = GradCAM(self.gradcam.model, layer_name=layer)
             return self._gradcams[layer].cam(model_input[None], class_index=int(class_index)).heatmaps[0]
+
+
+def ood_score_name(record: Mapping) -> str:
+    """What the stored out-of-distribution score is, in words for the page."""
+    if record.get("score") == FEATURE_SCORE:
+        return f"distance of its {record.get('layer')} feature statistics"
+    return "energy score"
 
 
 @dataclass(frozen=True)
@@ -388,7 +410,8 @@ class ImageCard:
     bundle: ModelBundle
     heatmaps: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
-    #: Energy score of the image and whether it is above the run's validation threshold.
+    #: Out-of-distribution score of the image (`ood_score_name`) and whether it is above the
+    #: run's validation threshold.
     ood_score: float | None = None
     unfamiliar: bool = False
 
@@ -516,7 +539,7 @@ def analyze_upload(
         image = load_image(raw, name=filename)
         model_input = model_input_from(image, bundle.image_size)
         probabilities, heatmap, logits = bundle.predict_explain_logits(model_input)
-        ood_score, unfamiliar = bundle.ood_score(logits)
+        ood_score, unfamiliar = bundle.ood_score(model_input, logits)
         card = ImageCard(
             card_id=card_id,
             filename=filename,

@@ -4,7 +4,8 @@ The CSV needs only `image_id` and `dx`, or is an ISIC 2018 Task 3 ground-truth C
 plus one-hot class columns); images are found as in the split step. The
 accuracy-type metrics come from scikit-learn (`keras_ham.metrics.classification_metrics`);
 calibration (ECE, MCE, Brier, NLL) and the risk-coverage curve of abstaining on the least
-confident cases from `keras_ham.calibration`.
+confident cases from `keras_ham.calibration`; the share of images the run's
+out-of-distribution flag raises from `keras_ham.ood`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from keras_ham.calibration import (
 )
 from keras_ham.metrics import bootstrap_intervals, classification_metrics, format_metrics_table
 from keras_ham.model import model_temperature
+from keras_ham.ood import FEATURE_SCORE, energy_record, feature_scorer_for_run
 from keras_ham.predict import Predictor
 from keras_ham.runs import EvaluationFiles, RunFolder
 
@@ -142,6 +144,41 @@ def plot_risk_coverage(result: dict, path: Path, title: str = "Risk-coverage") -
     return _save(figure, path)
 
 
+def _flag_counts(scores: np.ndarray, flagged: np.ndarray, record: dict) -> dict:
+    return {**{key: record[key] for key in ("score", "threshold", "false_alarm_rate")},
+            "flagged": int(flagged.sum()), "flagged_share": float(flagged.mean()),
+            "score_median": float(np.median(scores))}
+
+
+def ood_report(model, folder: RunFolder, data, *, batch_size: int = 32) -> dict:
+    """{"ood": ...}: how many images of `data` the run's out-of-distribution flag raises (the
+    feature-statistics score, with the energy flag under "energy"; older runs: energy only);
+    {} when the run stores no threshold."""
+    record = stored_ood_threshold(folder.summary)
+    if record is None:
+        return {}
+    report = {}
+    energy = energy_record(record)
+    if energy is not None:  # one more pass, for the logits: the model outputs probabilities
+        report = _flag_counts(*ood_flags(model_logits(model, data, batch_size=batch_size), energy), energy)
+    scorer = feature_scorer_for_run(model, record, folder.ood_statistics, batch_size=batch_size)
+    if scorer is not None:
+        scores = scorer.dataset_scores(data)
+        report = {**_flag_counts(scores, scorer.flags(scores), record), "layer": record.get("layer"),
+                  **({"energy": report} if report else {})}
+    return {"ood": report} if report else {}
+
+
+def format_ood(ood: dict, num_images: int) -> str:
+    """One line per score: how many images its flag raises."""
+    def line(record: dict) -> str:
+        name = f"{record['layer']} channel statistics" if record["score"] == FEATURE_SCORE else record["score"]
+        return (f"out-of-distribution flag ({name} > {record['threshold']:.3f}, set to flag "
+                f"{record['false_alarm_rate']:.0%} of validation images): {record['flagged']} of {num_images} images "
+                f"({record['flagged_share']:.1%})")
+    return "\n".join([line(ood)] + ([line(ood["energy"])] if "energy" in ood else []))
+
+
 def evaluate(
     model_path: str | os.PathLike,
     csv_path: str | os.PathLike,
@@ -174,12 +211,7 @@ def evaluate(
     metrics["calibration"] = calibration_metrics(y_true, probabilities, groups, resamples=bootstrap)
     metrics["calibration"]["temperature"] = model_temperature(predictor.model)  # None: not calibrated
     metrics["risk_coverage"] = risk_coverage(y_true, probabilities)
-    ood = stored_ood_threshold(RunFolder.of_model(model_path).summary)
-    if ood is not None:  # one more pass, for the logits: the model outputs probabilities
-        scores, flagged = ood_flags(model_logits(predictor.model, data, batch_size=batch_size), ood)
-        metrics["ood"] = {**{key: ood[key] for key in ("score", "threshold", "false_alarm_rate")},
-                          "flagged": int(flagged.sum()), "flagged_share": float(flagged.mean()),
-                          "score_median": float(np.median(scores))}
+    metrics.update(ood_report(predictor.model, RunFolder.of_model(model_path), data, batch_size=batch_size))
     metrics.update(model=str(model_path), csv=str(csv_path), tta=tta, image_size=predictor.image_size)
     files = EvaluationFiles(out)
     write_json_atomic(files.metrics, metrics)
@@ -193,9 +225,7 @@ def evaluate(
     log(format_calibration(metrics["calibration"]))
     log(format_risk_coverage(metrics["risk_coverage"]))
     if "ood" in metrics:
-        log(f"out-of-distribution flag (energy > {metrics['ood']['threshold']:.3f}, set to flag "
-            f"{metrics['ood']['false_alarm_rate']:.0%} of validation images): {metrics['ood']['flagged']} of "
-            f"{len(frame)} images ({metrics['ood']['flagged_share']:.1%})")
+        log(format_ood(metrics["ood"], len(frame)))
     log(f"wrote {files.metrics}, {files.predictions}, {files.confusion_plot}, {files.reliability_plot}, "
         f"{files.risk_coverage_plot}")
     return metrics

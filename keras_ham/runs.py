@@ -5,7 +5,8 @@
       history.csv      one row per finished epoch
       config.yaml      the resolved config
       labels.json      class order, full names, descriptions
-      summary.json     device, backend, durations, best epoch and score, versions
+      summary.json     device, backend, durations, best epoch and score, versions, "ood" record
+      ood_statistics.npz  the out-of-distribution score's training-split Gaussian (keras_ham.ood)
       state/           resume checkpoint (removed when training finishes)
         state.json       the `ResumeState`, pointing to the checkpoint beside it
       eval_<csv stem>/ metrics.json, predictions.csv, confusion_matrix.png, reliability_diagram.png,
@@ -34,6 +35,7 @@ HISTORY = "history.csv"
 CONFIG = "config.yaml"
 LABELS = "labels.json"
 SUMMARY = "summary.json"
+OOD_STATISTICS = "ood_statistics.npz"
 STATE_DIR = "state"
 STATE_FILE = "state.json"
 EVALUATION_PREFIX = "eval_"
@@ -98,6 +100,11 @@ class RunFolder:
     @property
     def summary(self) -> Path:
         return self.path / SUMMARY
+
+    @property
+    def ood_statistics(self) -> Path:
+        """The out-of-distribution score's fitted statistics (keras_ham.ood.FeatureGaussian)."""
+        return self.path / OOD_STATISTICS
 
     @property
     def state_dir(self) -> Path:

@@ -484,7 +484,8 @@ def train(
     }
     if context.is_main:  # the whole validation split (val_data is this rank's shard under torchrun)
         full_val = val_data if context.world_size == 1 else dataset_from_split_csv(config.val_csv, config, training=False)
-        summary.update(fit_on_validation(run_dir, config, full_val, log))  # temperature and OOD threshold
+        statistics_train = dataset_from_split_csv(config.train_csv, config, training=False)  # unshuffled, whole
+        summary.update(fit_on_validation(run_dir, config, full_val, log, statistics_train))  # T and the OOD flag
         if config.export_onnx:  # last: the export must be of the final (calibrated) best.keras
             summary["onnx_export"] = export_best_model(folder, log)
         write_json_atomic(folder.summary, summary)

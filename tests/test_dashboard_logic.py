@@ -613,3 +613,39 @@ def test_app_marks_every_prediction_of_a_demo_model(app_module, tmp_path):
     flagged = session.add_upload("odd.png", image_bytes(seed=3))
     assert flagged.unfamiliar and np.isfinite(flagged.ood_score)
     assert "Do not trust this prediction" in session.card_views[flagged.card_id].prediction.object
+
+
+def test_card_flags_an_upload_by_the_runs_feature_statistics(app_module, bundle):
+    """The trained run stores the feature-statistics score (keras_ham.ood): a card's score is the
+    distance of its image's stem statistics, one extra pass; above the threshold the card says so."""
+    from keras_ham.ood import FEATURE_SCORE
+
+    assert bundle.ood["score"] == FEATURE_SCORE and bundle.feature_ood is not None
+    card = logic.analyze_upload("lesion.png", image_bytes(seed=4), bundle, card_id=1)
+    expected = bundle.feature_ood.scores(card.model_input.astype(np.float32)[None])[0]
+    assert card.ood_score == pytest.approx(expected, rel=1e-6)
+    assert card.unfamiliar == (expected > bundle.ood["threshold"])
+    original = bundle.feature_ood.threshold
+    try:
+        bundle.feature_ood.threshold = -1.0  # every distance is above it
+        flagged = logic.analyze_upload("odd.png", image_bytes(seed=4), bundle, card_id=2)
+    finally:
+        bundle.feature_ood.threshold = original
+    assert flagged.unfamiliar
+    shown = app_module.prediction_html(flagged, 0.5)
+    assert "pool1_pool feature statistics" in shown and "Do not trust this prediction" in shown
+
+
+def test_a_damaged_ood_statistics_file_falls_back_to_the_energy_flag(bundle, tmp_path):
+    import shutil
+
+    from keras_ham.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "copy")
+    shutil.copytree(RunFolder.of_model(bundle.path).path, folder.path)
+    folder.ood_statistics.write_bytes(b"cut off")
+    with pytest.warns(UserWarning, match="ood_statistics.npz"):
+        damaged = logic.ModelBundle(folder.best_model)
+    assert damaged.feature_ood is None and damaged.ood["score"] == "energy"
+    card = logic.analyze_upload("lesion.png", image_bytes(seed=4), damaged, card_id=1)
+    assert card.ood_score is not None and np.isfinite(card.ood_score)  # the energy of its logits

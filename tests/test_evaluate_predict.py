@@ -1,6 +1,7 @@
 """Evaluation and prediction on a tiny trained run: artifacts, scripts, bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -78,11 +79,24 @@ def test_evaluate_writes_sklearn_metrics_predictions_and_plot(tiny_run, tmp_path
         with Image.open(tmp_path / "eval" / plot_name) as plot:
             assert plot.size[0] > 300
     assert any("ECE" in m for m in messages) and any("risk-coverage" in m for m in messages)
-    ood = stored["ood"]  # the run stores an energy threshold set on its validation split
-    assert 0 <= ood["flagged"] <= len(test) and ood["flagged_share"] == pytest.approx(ood["flagged"] / len(test))
-    without = evaluate(run / "best.keras", config.test_csv, image_dirs=config.image_dirs,
+    ood = stored["ood"]  # the run stores the feature-statistics threshold, and the energy one inside it
+    assert ood["score"] == "feature_statistics" and ood["layer"] == "pool1_pool"
+    for record in (ood, ood["energy"]):
+        assert 0 <= record["flagged"] <= len(test)
+        assert record["flagged_share"] == pytest.approx(record["flagged"] / len(test))
+    assert ood["energy"]["score"] == "energy"
+    assert any("pool1_pool channel statistics" in m for m in messages) and any("(energy >" in m for m in messages)
+    # A run written before the feature score (summary.json "ood" = the energy record, no statistics
+    # file) is still evaluated with its energy flag; the same counts as the energy flag above.
+    old = tmp_path / "old_run"
+    old.mkdir()
+    shutil.copy(run / "best.keras", old / "best.keras")
+    summary = json.loads((run / "summary.json").read_text())
+    (old / "summary.json").write_text(json.dumps({**summary, "ood": summary["ood"]["energy"]}))
+    without = evaluate(old / "best.keras", config.test_csv, image_dirs=config.image_dirs,
                        out_dir=tmp_path / "eval0", bootstrap=0, log=lambda m: None)
     assert "confidence_intervals" not in without
+    assert without["ood"]["score"] == "energy" and without["ood"]["flagged"] == ood["energy"]["flagged"]
 
 
 def test_tta_averages_flips(tiny_run):

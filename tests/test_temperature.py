@@ -101,8 +101,11 @@ def test_training_calibrates_best_keras_and_records_it(tiny_demo, tmp_path):
         assert model_temperature(model) is None and stored["temperature"] is None
         assert "no interior minimum" in stored["skipped"] and stored["after"] == stored["before"]
     ood = json.loads((result.run_dir / "summary.json").read_text())["ood"]
-    assert ood["score"] == "energy" and ood["false_alarm_rate"] == 0.05
-    assert ood["flagged_on_fit"] <= 0.05 and ood["num_images"] == stored["num_images"]
+    assert ood["score"] == "feature_statistics" and ood["energy"]["score"] == "energy"
+    for record in (ood, ood["energy"]):  # both thresholds set on the validation split
+        assert record["false_alarm_rate"] == 0.05
+        assert record["flagged_on_fit"] <= 0.05 and record["num_images"] == stored["num_images"]
+    assert (result.run_dir / ood["statistics_file"]).is_file()
 
 
 def test_calibrate_script_refuses_to_overwrite(uncalibrated_run, repo_root, tmp_path):
