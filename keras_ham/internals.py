@@ -44,6 +44,16 @@ def _missing(attribute: str, library: str, tested: str, error: Exception | None 
     )
 
 
+def _keras_private(module: str, attribute: str):
+    """`module.attribute` of Keras, or LibraryInternalsError naming it."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise _missing(f"{module}.{attribute}", "keras", TESTED_KERAS, error) from None
+
+
 # --------------------------------------------------------------------------- keras: device, TensorFlow probe
 
 
@@ -295,13 +305,8 @@ def keras_torch_affine_transform_by_grid_sample() -> Iterator[None]:
     """Inside the block, Keras's torch `affine_transform` (RandomRotation, RandomZoom,
     RandomTranslation...) runs as one grid_sample where it computes the same function (see
     `_affine_transform_by_grid_sample`)."""
-    try:
-        from keras.src.backend.torch import image as keras_torch_image
-    except ImportError as error:
-        raise _missing("keras.src.backend.torch.image", "keras", TESTED_KERAS, error) from None
-    original = getattr(keras_torch_image, "affine_transform", None)
-    if original is None:
-        raise _missing("keras.src.backend.torch.image.affine_transform", "keras", TESTED_KERAS)
+    original = _keras_private("keras.src.backend.torch.image", "affine_transform")
+    keras_torch_image = sys.modules["keras.src.backend.torch.image"]
     keras_torch_image.affine_transform = _affine_transform_by_grid_sample(original)
     try:
         yield
@@ -321,11 +326,7 @@ def keras_graph_walk_fingerprint() -> str | None:
     """sha256 of the installed `Function._run_through_graph` source; None when unreadable."""
     import hashlib
 
-    try:
-        from keras.src.ops.function import Function
-    except ImportError as error:
-        raise _missing("keras.src.ops.function.Function", "keras", TESTED_KERAS, error) from None
-    method = getattr(Function, "_run_through_graph", None)
+    method = getattr(_keras_private("keras.src.ops.function", "Function"), "_run_through_graph", None)
     if method is None:
         raise _missing("Function._run_through_graph", "keras", TESTED_KERAS)
     try:
