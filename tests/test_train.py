@@ -28,7 +28,7 @@ def test_training_writes_a_complete_run_folder(tiny_demo, tmp_path):
     run = result.run_dir
     assert run == tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run.iterdir()) == [
-        "best.keras", "config.yaml", "history.csv", "labels.json", "summary.json"
+        "best.keras", "config.yaml", "history.csv", "labels.json", "ood_statistics.npz", "summary.json"
     ]  # the resume state is gone, no temporary files are left behind
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [1, 2]
