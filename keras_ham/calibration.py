@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from keras_ham.ood import OOD_FALSE_ALARM_RATE, validation_threshold
+
 #: Equal-width bins on the top-class confidence (Guo et al. 2017 use 15).
 ECE_BINS = 15
 #: Metrics reported, in order: name -> label in tables.
@@ -492,10 +494,6 @@ def calibrate_file(model_path, csv_path, *, image_dirs=(), out_path=None, batch_
 
 # --------------------------------------------------------------------------- out of distribution
 
-#: Share of validation (in-distribution) images the out-of-distribution flag may raise.
-OOD_FALSE_ALARM_RATE = 0.05
-
-
 def energy_score(logits) -> np.ndarray:
     """-logsumexp(logits) of the raw (temperature 1) logits (Liu et al. 2020): higher means
     less like the training data. A temperature does not change it (it is built in after
@@ -509,9 +507,7 @@ def fit_ood_threshold(logits, *, false_alarm_rate: float = OOD_FALSE_ALARM_RATE,
     """The energy above which an image is flagged, set so that `false_alarm_rate` of the given
     (validation) images are: the smallest stored value that flags at most that share."""
     scores = energy_score(logits)
-    if len(scores) == 0:
-        raise ValueError("cannot set an out-of-distribution threshold on no images.")
-    threshold = float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"))
+    threshold = validation_threshold(scores, false_alarm_rate)
     return {"score": "energy", "definition": "-logsumexp(logits), raw logits", "threshold": threshold,
             "false_alarm_rate": false_alarm_rate, "flagged_on_fit": float(np.mean(scores > threshold)),
             "fitted_on": source, "num_images": int(len(scores))}
