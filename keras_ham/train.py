@@ -35,7 +35,7 @@ from keras_ham.dataset import class_weights, dataset_from_split_csv
 from keras_ham.device import DeviceChoice, keras_without_tensorflow, make_optimizer, set_random_seed
 from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
-from keras_ham.internals import keras_torch_fast_path
+from keras_ham.internals import keras_torch_conv_kernels_channels_last, keras_torch_fast_path
 from keras_ham.labels import CLASS_NAMES, NUM_CLASSES
 from keras_ham.machine import cpu_model, package_versions
 from keras_ham.metrics import BalancedAccuracy, SparseCrossentropyWithSmoothing
@@ -283,6 +283,9 @@ def _compile(model: keras.Model, config: Config, learning_rate: float, device: D
         loss=SparseCrossentropyWithSmoothing(NUM_CLASSES, config.label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"), BalancedAccuracy(NUM_CLASSES)],
     )
+    # Built now rather than at the first step, so its slots get the kernels' layout too.
+    model.optimizer.build(model.trainable_variables)
+    keras_torch_conv_kernels_channels_last(model)
 
 
 def _phases(config: Config) -> list[tuple[str, int, int]]:
@@ -410,7 +413,6 @@ def train(
             checkpoint = None
         _compile(model, config, learning_rate_at(first_epoch, config), device, context)
         if checkpoint and context.is_main:
-            model.optimizer.build(model.trainable_variables)
             model.load_weights(folder.state_dir / checkpoint)
         context.broadcast_training_state(model)  # rank 0's weights and optimizer state everywhere
         # Keras calls the dataset's on_epoch_end once before the first epoch, so pin the
