@@ -150,6 +150,20 @@ def test_a_missing_conv_layout_function_is_named(monkeypatch):
             pass
 
 
+def test_missing_conv_output_and_call_attributes_are_named(monkeypatch):
+    from keras.src.backend.torch import nn as keras_torch_nn
+    from keras.src.layers.convolutional.base_conv import BaseConv
+
+    monkeypatch.delattr(keras_torch_nn, "_transpose_spatial_outputs")
+    with pytest.raises(LibraryInternalsError, match=r"_transpose_spatial_outputs is missing from keras"):
+        with internals.keras_torch_spatial_outputs_as_new_tensors():
+            pass
+    monkeypatch.delattr(BaseConv, "call")
+    with pytest.raises(LibraryInternalsError, match=r"BaseConv.call"):
+        with internals.keras_torch_conv_bias_in_place():
+            pass
+
+
 def _batchnorm_model(seed: int = 0) -> keras.Model:
     """Conv -> BN -> ReLU -> max pool -> Conv -> frozen BN -> pool -> Dense, with random BN
     weights and moving statistics so that every term of the batch norm matters."""
@@ -250,15 +264,19 @@ def test_the_fast_path_restores_keras_after_an_error():
 
     from keras.src.backend.torch import image as keras_torch_image
 
+    from keras.src.layers.convolutional.base_conv import BaseConv
+
     call, transpose = keras.layers.BatchNormalization.call, getattr(keras_torch_nn, "_transpose_spatial_inputs")
-    affine = keras_torch_image.affine_transform
+    affine, outputs, conv_call = keras_torch_image.affine_transform, keras_torch_nn._transpose_spatial_outputs, BaseConv.call
     with pytest.raises(ZeroDivisionError):
         with internals.keras_torch_fast_path():
             assert keras_torch_image.affine_transform is not affine
+            assert keras_torch_nn._transpose_spatial_outputs is not outputs and BaseConv.call is not conv_call
             1 / 0
     assert keras.layers.BatchNormalization.call is call
     assert keras_torch_nn._transpose_spatial_inputs is transpose
     assert keras_torch_image.affine_transform is affine
+    assert keras_torch_nn._transpose_spatial_outputs is outputs and BaseConv.call is conv_call
 
 
 def test_a_missing_batch_norm_call_is_named(monkeypatch):
@@ -533,3 +551,104 @@ def test_channels_last_kernels_remove_the_kernel_copies_and_change_no_result(tmp
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     np.testing.assert_allclose(keras.ops.convert_to_numpy(relaid(x)), keras.ops.convert_to_numpy(reference(x)),
                                rtol=1e-5, atol=1e-6)
+
+
+def _residual_model(seed: int) -> keras.Model:
+    """Every case the in-place rule must take or leave (see `_in_place_elementwise`)."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    c1 = layers.Conv2D(4, 3, padding="same", name="c1")(inputs)  # bias added in place
+    r1 = layers.Activation("relu", name="r1")(layers.BatchNormalization(name="b1")(c1))  # in place
+    b2 = layers.BatchNormalization(name="b2")(layers.Conv2D(4, 3, padding="same", use_bias=False, name="c2")(r1))
+    y = layers.BatchNormalization(name="b2b")(layers.Conv2D(4, 1, use_bias=False, name="c2b")(b2))
+    a1 = layers.Add(name="a1")([b2, y])  # not into b2: c2b saved it for its backward; y takes the sum
+    a0 = layers.Add(name="a0")([r1, a1])  # r1 is a ReLU's output (saved): a1 takes the sum
+    r2 = layers.Activation("relu", name="r2")(a0)  # in place
+    c3 = layers.Conv2D(4, 1, activation="relu", name="c3")(r2)
+    r3 = layers.Activation("relu", name="r3")(c3)  # not: c3's ReLU keeps its output
+    b3 = layers.BatchNormalization(name="b3")(r3)
+    r4 = layers.Activation("relu", name="r4")(b3)  # not: b3 is also a model output
+    twice = layers.Add(name="twice")([r4, r4])  # not: the same input twice
+    pooled = layers.GlobalAveragePooling2D()(layers.Activation("relu", name="r5")(twice))  # in place
+    outputs = layers.Dense(3, activation="softmax", name="head")(pooled)
+    return keras.Model(inputs, [outputs, b3])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+@pytest.mark.parametrize("training", [True, False])
+def test_in_place_relu_and_add_change_no_result_and_run_where_safe(monkeypatch, training):
+    """Outputs, every gradient and the moving statistics are bit-identical with and without the
+    in-place ops, which run exactly where the rule allows (r1, a1, a0, r2, r5), in training (autograd
+    would raise at backward had a saved tensor been overwritten) and in inference."""
+    import torch
+
+    x = np.random.default_rng(2).normal(size=(3, 8, 8, 3)).astype("float32")
+    taken = []
+    factory = internals._in_place_elementwise
+
+    def counting_factory():
+        in_place = factory()
+
+        def counted(operation, *args):
+            result = in_place(operation, *args)
+            if result is not None:
+                taken.append(operation.name)
+            return result
+        return counted
+
+    def step(model, in_place: bool):
+        monkeypatch.setattr(internals, "_in_place_elementwise",
+                            counting_factory if in_place else (lambda: (lambda *args: None)))
+        inputs = torch.tensor(x, requires_grad=training)
+        with internals.keras_torch_fast_path(), torch.set_grad_enabled(training):
+            probabilities, features = model(inputs, training=training)
+            if not training:
+                return [probabilities.numpy(), features.numpy()]
+            ((probabilities * torch.arange(1.0, 4.0)).sum() + (features * features).mean()).backward()
+        grads = [v.value.grad.numpy().copy() for v in model.trainable_variables] + [inputs.grad.numpy()]
+        stats = [v.numpy().copy() for v in model.non_trainable_variables]
+        return [probabilities.detach().numpy(), features.detach().numpy()] + grads + stats
+
+    expected = step(_residual_model(0), in_place=False)
+    assert taken == []
+    received = step(_residual_model(0), in_place=True)
+    assert taken == ["r1", "a1", "a0", "r2", "r5"]
+    assert len(received) == len(expected)
+    for got, want in zip(received, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+def test_conv_outputs_are_new_tensors_and_the_bias_is_added_in_place():
+    """On the fast path a convolution's NHWC output is a plain tensor (not a view) holding the
+    same values and gradient, so the bias add runs in place; a view still takes Keras's add."""
+    import torch
+
+    layer = keras.layers.Conv2D(5, 3, name="conv")
+    x = torch.tensor(np.random.default_rng(0).normal(size=(2, 7, 7, 3)).astype("float32"), requires_grad=True)
+    expected = layer(x)
+    (expected * expected).sum().backward()
+    expected_grads = [x.grad.clone(), layer.kernel.value.grad.clone(), layer.bias.value.grad.clone()]
+    x.grad = layer.kernel.value.grad = layer.bias.value.grad = None
+    seen = []
+    with internals.keras_torch_fast_path():
+        from keras.src.backend.torch import nn as keras_torch_nn
+
+        plain = keras_torch_nn._transpose_spatial_outputs(torch.zeros(2, 5, 4, 4))
+        view = keras_torch_nn._transpose_spatial_outputs(torch.zeros(2, 5, 4, 4)[:, :, 1:])
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Seen(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        with Seen():
+            received = layer(x)
+    assert not plain._is_view() and plain.shape == (2, 4, 4, 5) and view._is_view()
+    assert "add_" in seen and "add" not in seen
+    (received * received).sum().backward()
+    np.testing.assert_array_equal(received.detach().numpy(), expected.detach().numpy())
+    for got, want in zip([x.grad, layer.kernel.value.grad, layer.bias.value.grad], expected_grads):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
