@@ -301,9 +301,12 @@ def _choose(probabilities: np.ndarray, requested: np.ndarray | None) -> np.ndarr
 def _gradients_torch(gradcam: "GradCAM", batch: np.ndarray, requested: np.ndarray | None):
     import torch
 
+    from keras_ham.internals import keras_torch_fast_path
+
     inputs = keras.ops.convert_to_tensor(batch, dtype="float32").detach().clone().requires_grad_(True)
     with torch.inference_mode(False), torch.enable_grad():
-        feature, logits, probabilities = gradcam._sub_model(inputs, training=False)
+        with keras_torch_fast_path():  # as training runs the model; its outputs are never written in place
+            feature, logits, probabilities = gradcam._sub_model(inputs, training=False)
         probabilities = gradcam._probabilities(logits, probabilities)
         classes = _choose(keras.ops.convert_to_numpy(probabilities), requested)
         index = torch.as_tensor(classes, device=logits.device)
