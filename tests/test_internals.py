@@ -652,3 +652,68 @@ def test_conv_outputs_are_new_tensors_and_the_bias_is_added_in_place():
     np.testing.assert_array_equal(received.detach().numpy(), expected.detach().numpy())
     for got, want in zip([x.grad, layer.kernel.value.grad, layer.bias.value.grad], expected_grads):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_the_adam_step_is_one_this_module_reproduces():
+    """Fails when Keras changes its torch Adam step: re-read it, update
+    `_adam_step_tensor_by_tensor` and add the new fingerprint to REPRODUCED_ADAM_STEPS."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("a torch-backend internal")
+    fingerprint = internals.keras_torch_adam_step_fingerprint()
+    assert fingerprint in internals.REPRODUCED_ADAM_STEPS, (
+        f"Keras {keras.__version__}'s torch Adam step has fingerprint {fingerprint}, not one of "
+        f"{sorted(internals.REPRODUCED_ADAM_STEPS)}")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_tensor_by_tensor_adam_step_is_keras_step_bit_for_bit(amsgrad):
+    """Three AdamW steps (weight decay included) on a model whose kernels are relaid out: every
+    variable and optimizer slot is bit-identical to Keras's own step; AMSGrad stays Keras's."""
+    import torch
+    from keras.src.backend.torch.optimizers import torch_adam
+
+    original = torch_adam.Adam.__dict__["_parallel_update_step"]
+
+    def run(tensor_by_tensor: bool):
+        model = _conv_model(0)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=0.05, amsgrad=amsgrad), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+        internals.keras_torch_conv_kernels_channels_last(model)
+        rng = np.random.default_rng(1)
+        block = internals.keras_torch_adam_tensor_by_tensor() if tensor_by_tensor else contextlib.nullcontext()
+        calls = []
+        with block as in_effect:
+            adam = type(model.optimizer).__mro__[1]
+            step = adam.__dict__["_parallel_update_step"]
+            if tensor_by_tensor:
+                assert in_effect and step is not original
+                adam._parallel_update_step = lambda *args, **kwargs: calls.append(1) or step(*args, **kwargs)
+            try:
+                for _ in range(3):
+                    grads = [torch.tensor(rng.normal(size=v.shape).astype("float32"))
+                             for v in model.trainable_variables]
+                    model.optimizer.apply(grads, model.trainable_variables)
+            finally:
+                adam._parallel_update_step = step
+        return [v.numpy() for v in model.weights + model.optimizer.variables], calls
+
+    expected, _ = run(False)
+    received, calls = run(True)
+    assert calls == [1, 1, 1]
+    assert torch_adam.Adam.__dict__["_parallel_update_step"] is original  # restored
+    for got, want in zip(received, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_unknown_adam_step_is_left_to_keras(monkeypatch):
+    if keras.backend.backend() != "torch":
+        pytest.skip("a torch-backend internal")
+    from keras.src.backend.torch.optimizers import torch_adam
+
+    original = torch_adam.Adam.__dict__["_parallel_update_step"]
+    monkeypatch.setattr(internals, "REPRODUCED_ADAM_STEPS", {})
+    with internals.keras_torch_adam_tensor_by_tensor() as in_effect:
+        assert not in_effect and torch_adam.Adam.__dict__["_parallel_update_step"] is original
+    with internals.keras_torch_fast_path():
+        assert torch_adam.Adam.__dict__["_parallel_update_step"] is original
