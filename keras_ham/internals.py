@@ -482,19 +482,25 @@ REPRODUCED_GRAPH_WALKS = {
 }
 
 
-@functools.cache
-def keras_graph_walk_fingerprint() -> str | None:
-    """sha256 of the installed `Function._run_through_graph` source; None when unreadable.
-    Computed once per process (0.8 ms: the fast path is entered per Predictor batch)."""
+def _source_fingerprint(module: str, owner: str, method_name: str) -> str | None:
+    """sha256 of the source of Keras's `module.owner.method_name` as installed (defined on
+    `owner` itself); None when the source is unreadable."""
     import hashlib
 
-    method = getattr(_keras_private("keras.src.ops.function", "Function"), "_run_through_graph", None)
+    method = _keras_private(module, owner).__dict__.get(method_name)
     if method is None:
-        raise _missing("Function._run_through_graph", "keras", TESTED_KERAS)
+        raise _missing(f"{owner}.{method_name}", "keras", TESTED_KERAS)
     try:
         return hashlib.sha256(inspect.getsource(method).encode()).hexdigest()
     except (OSError, TypeError):
         return None
+
+
+@functools.cache
+def keras_graph_walk_fingerprint() -> str | None:
+    """sha256 of the installed `Function._run_through_graph` source; None when unreadable.
+    Computed once per process (0.8 ms: the fast path is entered per Predictor batch)."""
+    return _source_fingerprint("keras.src.ops.function", "Function", "_run_through_graph")
 
 
 def _in_place_elementwise():
@@ -646,16 +652,7 @@ REPRODUCED_ADAM_STEPS = {
 def keras_torch_adam_step_fingerprint() -> str | None:
     """sha256 of the installed `keras.src.backend.torch.optimizers.torch_adam.Adam._parallel_update_step`
     source; None when unreadable."""
-    import hashlib
-
-    adam = _keras_private("keras.src.backend.torch.optimizers.torch_adam", "Adam")
-    method = adam.__dict__.get("_parallel_update_step")
-    if method is None:
-        raise _missing("torch_adam.Adam._parallel_update_step", "keras", TESTED_KERAS)
-    try:
-        return hashlib.sha256(inspect.getsource(method).encode()).hexdigest()
-    except (OSError, TypeError):
-        return None
+    return _source_fingerprint("keras.src.backend.torch.optimizers.torch_adam", "Adam", "_parallel_update_step")
 
 
 def _adam_step_tensor_by_tensor(original):
