@@ -496,6 +496,22 @@ def _source_fingerprint(module: str, owner: str, method_name: str) -> str | None
         return None
 
 
+@contextlib.contextmanager
+def _replaced_if_reproduced(owner: type, name: str, fingerprint: str | None, reproduced: dict,
+                            replacement) -> Iterator[bool]:
+    """Inside the block `owner.name` is `replacement(original)` when `fingerprint` (of the
+    installed source) is in `reproduced`, else untouched; yields whether it was replaced."""
+    if fingerprint not in reproduced:
+        yield False
+        return
+    original = owner.__dict__[name]
+    setattr(owner, name, replacement(original))
+    try:
+        yield True
+    finally:
+        setattr(owner, name, original)
+
+
 @functools.cache
 def keras_graph_walk_fingerprint() -> str | None:
     """sha256 of the installed `Function._run_through_graph` source; None when unreadable.
@@ -628,17 +644,10 @@ def keras_functional_frees_intermediates() -> Iterator[bool]:
     installed walk is one in REPRODUCED_GRAPH_WALKS (it uses the same private attributes as
     that walk: `_nodes_by_depth`, `_get_operation_for_node`, `_outputs_struct`, `Node.arguments`),
     otherwise Keras's own runs unchanged."""
-    from keras.src.ops.function import Function
-
-    if keras_graph_walk_fingerprint() not in REPRODUCED_GRAPH_WALKS:
-        yield False
-        return
-    original = Function.__dict__["_run_through_graph"]
-    Function._run_through_graph = _graph_walk_freeing_intermediates(original)
-    try:
-        yield True
-    finally:
-        Function._run_through_graph = original
+    function = _keras_private("keras.src.ops.function", "Function")
+    with _replaced_if_reproduced(function, "_run_through_graph", keras_graph_walk_fingerprint(),
+                                 REPRODUCED_GRAPH_WALKS, _graph_walk_freeing_intermediates) as in_effect:
+        yield in_effect
 
 
 #: sha256 of Keras's torch `Adam._parallel_update_step` source whose arithmetic
@@ -701,16 +710,10 @@ def keras_torch_adam_tensor_by_tensor() -> Iterator[bool]:
     `_adam_step_tensor_by_tensor`); yields whether it is in effect: only when the installed
     step is one in REPRODUCED_ADAM_STEPS (it reads the same private attributes as that step:
     `_momentums`, `_velocities`, `_get_variable_index`), otherwise Keras's own runs."""
-    if keras_torch_adam_step_fingerprint() not in REPRODUCED_ADAM_STEPS:
-        yield False
-        return
     adam = _keras_private("keras.src.backend.torch.optimizers.torch_adam", "Adam")
-    original = adam.__dict__["_parallel_update_step"]
-    adam._parallel_update_step = _adam_step_tensor_by_tensor(original)
-    try:
-        yield True
-    finally:
-        adam._parallel_update_step = original
+    with _replaced_if_reproduced(adam, "_parallel_update_step", keras_torch_adam_step_fingerprint(),
+                                 REPRODUCED_ADAM_STEPS, _adam_step_tensor_by_tensor) as in_effect:
+        yield in_effect
 
 
 @contextlib.contextmanager
