@@ -55,6 +55,18 @@ def _keras_private(module: str, attribute: str):
         raise _missing(f"{module}.{attribute}", "keras", TESTED_KERAS, error) from None
 
 
+@contextlib.contextmanager
+def _replaced(owner, name: str, replacement) -> Iterator[None]:
+    """Inside the block `owner.name` (a module's or a class's own attribute) is
+    `replacement(original)`; the original is back afterwards, also after an exception."""
+    original = vars(owner)[name]
+    setattr(owner, name, replacement(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 # --------------------------------------------------------------------------- keras: device, TensorFlow probe
 
 
@@ -164,23 +176,18 @@ def keras_torch_conv_inputs_as_views() -> Iterator[None]:
     convolution. Keras adds the copy for torch.export, so the export path does not use this.
     """
     import torch
-    from keras.src.backend.torch import nn as keras_torch_nn
 
-    try:
-        original = keras_torch_nn._transpose_spatial_inputs
-    except AttributeError as error:
-        raise _missing("keras.src.backend.torch.nn._transpose_spatial_inputs", "keras", TESTED_KERAS, error) from None
+    _keras_private("keras.src.backend.torch.nn", "_transpose_spatial_inputs")
 
-    def without_copy(inputs):
-        if inputs.ndim == 4 and inputs.device.type in FAST_PATH_DEVICES:
-            return torch.permute(inputs, (0, 3, 1, 2))
-        return original(inputs)
+    def without_copy(original):
+        def transpose(inputs):
+            if inputs.ndim == 4 and inputs.device.type in FAST_PATH_DEVICES:
+                return torch.permute(inputs, (0, 3, 1, 2))
+            return original(inputs)
+        return transpose
 
-    keras_torch_nn._transpose_spatial_inputs = without_copy
-    try:
+    with _replaced(sys.modules["keras.src.backend.torch.nn"], "_transpose_spatial_inputs", without_copy):
         yield
-    finally:
-        keras_torch_nn._transpose_spatial_inputs = original
 
 
 @functools.cache
@@ -221,26 +228,19 @@ def keras_torch_spatial_outputs_as_new_tensors() -> Iterator[None]:
     Only a result that is not itself a view is converted; every caller in Keras 3.15 passes the
     fresh output of a torch convolution or pooling, whose backward saves its input only.
     """
-    from keras.src.backend.torch import nn as keras_torch_nn
-
-    try:
-        original = keras_torch_nn._transpose_spatial_outputs
-    except AttributeError as error:
-        raise _missing("keras.src.backend.torch.nn._transpose_spatial_outputs", "keras", TESTED_KERAS,
-                       error) from None
+    _keras_private("keras.src.backend.torch.nn", "_transpose_spatial_outputs")
     permute = _permute_as_new_tensor()
 
-    def as_new_tensor(outputs):
-        if (_eager_tensor(outputs) and 3 <= outputs.ndim <= 5 and outputs.device.type in FAST_PATH_DEVICES
-                and not outputs._is_view()):
-            return permute.apply(outputs, (0, *range(2, outputs.ndim), 1))
-        return original(outputs)
+    def as_new_tensor(original):
+        def transpose(outputs):
+            if (_eager_tensor(outputs) and 3 <= outputs.ndim <= 5 and outputs.device.type in FAST_PATH_DEVICES
+                    and not outputs._is_view()):
+                return permute.apply(outputs, (0, *range(2, outputs.ndim), 1))
+            return original(outputs)
+        return transpose
 
-    keras_torch_nn._transpose_spatial_outputs = as_new_tensor
-    try:
+    with _replaced(sys.modules["keras.src.backend.torch.nn"], "_transpose_spatial_outputs", as_new_tensor):
         yield
-    finally:
-        keras_torch_nn._transpose_spatial_outputs = original
 
 
 def _fast_path_conv_call(original_call):
@@ -274,14 +274,10 @@ def _fast_path_conv_call(original_call):
 def keras_torch_conv_bias_in_place() -> Iterator[None]:
     """Inside the block, Keras convolutions add their bias in place (`_fast_path_conv_call`)."""
     base_conv = _keras_private("keras.src.layers.convolutional.base_conv", "BaseConv")
-    original = base_conv.__dict__.get("call")
-    if original is None or not callable(getattr(base_conv, "convolution_op", None)):
+    if "call" not in vars(base_conv) or not callable(getattr(base_conv, "convolution_op", None)):
         raise _missing("BaseConv.call / BaseConv.convolution_op", "keras", TESTED_KERAS)
-    base_conv.call = _fast_path_conv_call(original)
-    try:
+    with _replaced(base_conv, "call", _fast_path_conv_call):
         yield
-    finally:
-        base_conv.call = original
 
 
 def keras_torch_conv_kernels_channels_last(model) -> int:
@@ -396,18 +392,14 @@ def keras_torch_fused_batch_norm() -> Iterator[None]:
     import keras
 
     batch_norm = keras.layers.BatchNormalization
-    original = batch_norm.__dict__.get("call")
-    if original is None:
+    if "call" not in vars(batch_norm):
         raise _missing("BatchNormalization.call", "keras", TESTED_KERAS)
     arguments = inspect.signature(batch_norm.__init__).parameters
     missing = [name for name in ("axis", "momentum", "epsilon", "center", "scale") if name not in arguments]
     if missing:
         raise _missing(f"BatchNormalization({', '.join(missing)}=...)", "keras", TESTED_KERAS)
-    batch_norm.call = _fused_batch_norm_call(original)
-    try:
+    with _replaced(batch_norm, "call", _fused_batch_norm_call):
         yield
-    finally:
-        batch_norm.call = original
 
 
 def _affine_transform_by_grid_sample(original):
@@ -465,13 +457,9 @@ def keras_torch_affine_transform_by_grid_sample() -> Iterator[None]:
     """Inside the block, Keras's torch `affine_transform` (RandomRotation, RandomZoom,
     RandomTranslation...) runs as one grid_sample where it computes the same function (see
     `_affine_transform_by_grid_sample`)."""
-    original = _keras_private("keras.src.backend.torch.image", "affine_transform")
-    keras_torch_image = sys.modules["keras.src.backend.torch.image"]
-    keras_torch_image.affine_transform = _affine_transform_by_grid_sample(original)
-    try:
+    _keras_private("keras.src.backend.torch.image", "affine_transform")
+    with _replaced(sys.modules["keras.src.backend.torch.image"], "affine_transform", _affine_transform_by_grid_sample):
         yield
-    finally:
-        keras_torch_image.affine_transform = original
 
 
 #: sha256 of the source of `keras.src.ops.function.Function._run_through_graph` in the Keras
@@ -504,12 +492,8 @@ def _replaced_if_reproduced(owner: type, name: str, fingerprint: str | None, rep
     if fingerprint not in reproduced:
         yield False
         return
-    original = owner.__dict__[name]
-    setattr(owner, name, replacement(original))
-    try:
+    with _replaced(owner, name, replacement):
         yield True
-    finally:
-        setattr(owner, name, original)
 
 
 @functools.cache
