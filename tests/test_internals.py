@@ -720,3 +720,124 @@ def test_an_unknown_adam_step_is_left_to_keras(monkeypatch):
         assert not in_effect and torch_adam.Adam.__dict__["_parallel_update_step"] is original
     with internals.keras_torch_fast_path():
         assert torch_adam.Adam.__dict__["_parallel_update_step"] is original
+
+
+# --------------------------------------------------------------------------- direct layer calls
+
+
+def test_the_layer_call_is_one_this_module_reproduces():
+    """Fails when Keras changes `Layer.__call__` or `Operation.__call__`: re-read them, check
+    that `_direct_layer_call` still skips nothing that matters, then add the new fingerprints
+    to REPRODUCED_LAYER_CALLS. Until then every layer goes through Keras's `__call__`."""
+    fingerprints = internals.keras_layer_call_fingerprint()
+    assert fingerprints in internals.REPRODUCED_LAYER_CALLS, (
+        f"Keras {keras.__version__}: Layer.__call__ / Operation.__call__ have fingerprints {fingerprints}, "
+        f"not one of {sorted(internals.REPRODUCED_LAYER_CALLS)}")
+
+
+class _SubclassedDense(keras.layers.Dense):
+    """A subclass may rely on `Layer.__call__`: it is never called directly."""
+
+
+def _direct_call_model(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.ZeroPadding2D(1, name="pad")(inputs)
+    x = layers.Conv2D(4, 3, name="conv")(x)
+    x = layers.Activation("relu", name="relu")(layers.BatchNormalization(name="bn")(x))
+    y = layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+    x = layers.Add(name="add")([layers.Dropout(0.5, name="drop")(x), y])
+    x = layers.MaxPooling2D(2, name="maxpool")(x)
+    x = layers.Multiply(name="multiply")([x, layers.AveragePooling2D(1, name="avgpool")(x)])
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(5, name="hooked")(x)
+    x = _SubclassedDense(4, name="subclassed")(x)
+    x = layers.Dense(3, name="regularized", activity_regularizer="l2")(x)
+    return keras.Model(inputs, layers.Dense(3, activation="softmax", name="head")(x))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+@pytest.mark.parametrize("training", [True, False])
+def test_direct_layer_calls_change_no_result_and_skip_only_plain_layers(monkeypatch, training):
+    """Outputs, every gradient, the moving statistics and the activity loss are bit-identical
+    whether the walk calls the plain layers directly or through Keras's `Layer.__call__`
+    (dropout included: the same seed stream). A layer with a torch forward hook, a subclass
+    and a layer with an activity regularizer go through Keras (the hook runs once per call).
+    Exact equality: the same `call` on the same values (checked bit-identical for seeds 0-2,
+    torch threads 1 and 2, on a 2-core AMD EPYC)."""
+    import torch
+
+    x = np.random.default_rng(3).normal(size=(2, 8, 8, 3)).astype("float32")
+    direct_names: list[str] = []
+    factory = internals._direct_layer_call
+
+    def counting_factory():
+        direct = factory()
+
+        def counted(operation, args, kwargs):
+            result = direct(operation, args, kwargs)
+            if result is not None:
+                direct_names.append(operation.name)
+            return result
+        return counted
+
+    def step(direct: bool):
+        model = _direct_call_model(0)
+        hooked = []
+        model.get_layer("hooked").register_forward_hook(lambda module, args, output: hooked.append(1))
+        monkeypatch.setattr(internals, "_direct_layer_call",
+                            counting_factory if direct else (lambda: (lambda *args: None)))
+        inputs = torch.tensor(x, requires_grad=training)
+        with internals.keras_torch_fast_path(), torch.set_grad_enabled(training):
+            probabilities = model(inputs, training=training)
+            losses = [loss.detach().numpy() for loss in model.losses]
+            if not training:
+                return [probabilities.numpy()] + losses, hooked
+            (probabilities * torch.arange(1.0, 4.0)).sum().backward()
+        grads = [v.value.grad.numpy().copy() for v in model.trainable_variables] + [inputs.grad.numpy()]
+        stats = [v.numpy().copy() for v in model.non_trainable_variables]
+        return [probabilities.detach().numpy()] + losses + grads + stats, hooked
+
+    expected, hooked = step(direct=False)
+    assert direct_names == [] and hooked == [1]
+    received, hooked = step(direct=True)
+    assert hooked == [1]
+    # not "relu": it runs in place (`_in_place_elementwise`), ahead of the direct call
+    assert direct_names == ["pad", "conv", "bn", "drop", "depthwise", "add", "maxpool", "avgpool",
+                            "multiply", "gap", "head"]
+    assert len(received) == len(expected)
+    for got, want in zip(received, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+def test_an_unknown_layer_call_leaves_every_layer_to_keras(monkeypatch):
+    monkeypatch.setattr(internals, "REPRODUCED_LAYER_CALLS", {})
+    direct = internals._direct_layer_call()
+    layer = keras.layers.Activation("relu")
+    assert direct(layer, (np.zeros((1, 2), "float32"),), {}) is None
+    import torch
+
+    assert direct(layer, (torch.zeros(1, 2),), {}) is None
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+def test_adam_scratch_temporaries_take_the_layout_of_each_variable():
+    """The Adam step's `out=` temporaries: views with the variable's shape and strides into
+    two distinct buffers when the variable is dense (a relaid kernel included); a fresh pair
+    when it is not dense or does not fit."""
+    import torch
+
+    scratch = internals._ScratchPair(60, torch.float32, torch.device("cpu"))
+    kernel = torch.zeros(5, 4, 3).permute(1, 2, 0)  # dense, not contiguous
+    first, second = scratch.like(kernel)
+    assert first.shape == kernel.shape and first.stride() == kernel.stride() == second.stride()
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() == scratch.buffers[0].untyped_storage().data_ptr()
+    sliced = torch.zeros(4, 6)[:, ::2]
+    assert not internals._dense(sliced) and internals._dense(kernel)
+    for tensor in (sliced, torch.zeros(61), torch.zeros(3, dtype=torch.float64)):
+        first, _ = scratch.like(tensor)
+        assert first.shape == tensor.shape and first.dtype == tensor.dtype
+        assert first.untyped_storage().data_ptr() != scratch.buffers[0].untyped_storage().data_ptr()
