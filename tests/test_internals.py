@@ -669,11 +669,16 @@ def test_the_adam_step_is_one_this_module_reproduces():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_the_tensor_by_tensor_adam_step_is_keras_step_bit_for_bit(amsgrad):
+@pytest.mark.parametrize("amsgrad, chunk", [(False, None), (False, 7), (True, None)])
+def test_the_tensor_by_tensor_adam_step_is_keras_step_bit_for_bit(amsgrad, chunk, monkeypatch):
     """Three AdamW steps (weight decay included) on a model whose kernels are relaid out: every
-    variable and optimizer slot is bit-identical to Keras's own step; AMSGrad stays Keras's."""
+    variable and optimizer slot is bit-identical to Keras's own step, also when the variables
+    are updated in pieces (`chunk`: 7 elements, so every kernel is cut, unevenly); AMSGrad
+    stays Keras's."""
     import torch
+
+    if chunk is not None:
+        monkeypatch.setattr(internals, "ADAM_CHUNK", chunk)
     from keras.src.backend.torch.optimizers import torch_adam
 
     original = torch_adam.Adam.__dict__["_parallel_update_step"]
@@ -696,6 +701,8 @@ def test_the_tensor_by_tensor_adam_step_is_keras_step_bit_for_bit(amsgrad):
                 for _ in range(3):
                     grads = [torch.tensor(rng.normal(size=v.shape).astype("float32"))
                              for v in model.trainable_variables]
+                    if chunk is not None:  # as in training: each gradient in its variable's layout
+                        grads = [torch.empty_like(v.value).copy_(g) for v, g in zip(model.trainable_variables, grads)]
                     model.optimizer.apply(grads, model.trainable_variables)
             finally:
                 adam._parallel_update_step = step
@@ -841,3 +848,19 @@ def test_adam_scratch_temporaries_take_the_layout_of_each_variable():
         first, _ = scratch.like(tensor)
         assert first.shape == tensor.shape and first.dtype == tensor.dtype
         assert first.untyped_storage().data_ptr() != scratch.buffers[0].untyped_storage().data_ptr()
+
+
+def test_adam_chunks_cut_matching_pieces_in_memory_order(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(internals, "ADAM_CHUNK", 4)
+    kernel = torch.arange(30.0).reshape(5, 3, 2).permute(1, 2, 0)  # dense, not contiguous
+    slot = torch.empty_like(kernel).copy_(kernel)
+    pieces = internals._chunks(kernel, slot)
+    assert [len(a) for a, _ in pieces] == [4] * 7 + [2]
+    assert torch.equal(torch.cat([a for a, _ in pieces]), torch.arange(30.0))  # memory order, all of it
+    assert all(torch.equal(a, b) for a, b in pieces)  # the same elements of each tensor
+    contiguous = torch.zeros(3, 2, 5)  # same shape, other strides: not cut
+    assert internals._chunks(kernel, contiguous) == [(kernel, contiguous)]
+    small = torch.zeros(4)
+    assert internals._chunks(small, small)[0][0] is small
