@@ -356,10 +356,12 @@ def _fused_batch_norm_call(original_call):
     Keras 3.15's torch BatchNormalization is five elementwise passes (mean, mean of squares,
     subtract, multiply, add), each keeping its own copy of the activation for autograd. The
     moving statistics are updated with Keras's own formula and the biased batch variance, as
-    Keras does. Anything unusual (a mask, renorm, synchronized, not float32, a device outside
+    Keras does, in place (`Variable.assign` computes the same and copies it in: bit-identical;
+    inside a Keras stateless scope through `assign`). Anything unusual (a mask, renorm, synchronized, not float32, a device outside
     FAST_PATH_DEVICES) goes to Keras's own call.
     """
     import torch
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
 
     def call(self, inputs, training=None, mask=None):
         if (
@@ -393,8 +395,13 @@ def _fused_batch_norm_call(original_call):
             )
             biased_variance = batch_variance * ((count - 1) / count)
             momentum = self.momentum
-            self.moving_mean.assign(self.moving_mean.value * momentum + batch_mean * (1.0 - momentum))
-            self.moving_variance.assign(self.moving_variance.value * momentum + biased_variance * (1.0 - momentum))
+            if in_stateless_scope():  # Keras records the new values instead of writing them
+                self.moving_mean.assign(self.moving_mean.value * momentum + batch_mean * (1.0 - momentum))
+                self.moving_variance.assign(self.moving_variance.value * momentum + biased_variance * (1.0 - momentum))
+            else:  # what `assign` computes and copies in, written in place (53 layers: 2 x 53 assigns less)
+                with torch.no_grad():
+                    self.moving_mean.value.mul_(momentum).add_(batch_mean * (1.0 - momentum))
+                    self.moving_variance.value.mul_(momentum).add_(biased_variance * (1.0 - momentum))
         else:
             outputs = torch.nn.functional.batch_norm(
                 x, self.moving_mean.value, self.moving_variance.value, gamma, beta, training=False, eps=self.epsilon

@@ -916,3 +916,31 @@ def test_two_convolutions_of_one_tensor_share_its_view_and_sum_gradients_in_plac
     assert internals._SHARED_INPUT_VIEWS == []
     for got, want in zip(received, expected):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+def test_the_fused_batch_norm_writes_moving_statistics_as_assign_would():
+    """In place, the new moving statistics are bit-identical to those `assign` records inside a
+    Keras stateless scope, where the variables themselves must stay untouched."""
+    import torch
+
+    x = torch.tensor(np.random.default_rng(0).normal(1, 2, size=(4, 5, 5, 3)).astype("float32"))
+
+    def layer():
+        keras.utils.set_random_seed(0)
+        bn = keras.layers.BatchNormalization(momentum=0.8)
+        bn.build(x.shape)
+        bn.moving_mean.assign(np.array([0.5, -1.0, 2.0], "float32"))
+        bn.moving_variance.assign(np.array([1.5, 0.25, 3.0], "float32"))
+        return bn
+
+    in_place, recorded = layer(), layer()
+    with internals.keras_torch_fused_batch_norm():
+        in_place(x, training=True)
+        with keras.StatelessScope() as scope:
+            recorded(x, training=True)
+    np.testing.assert_array_equal(recorded.moving_mean.numpy(), [0.5, -1.0, 2.0])  # untouched
+    for variable in ("moving_mean", "moving_variance"):
+        np.testing.assert_array_equal(getattr(in_place, variable).numpy(),
+                                      keras.ops.convert_to_numpy(scope.get_current_value(getattr(recorded, variable))))
+    assert not np.allclose(in_place.moving_mean.numpy(), [0.5, -1.0, 2.0])
