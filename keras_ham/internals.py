@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import sys
+import threading
 from typing import Iterator
 
 from keras_ham.errors import KerasHamError
@@ -182,7 +183,8 @@ def keras_torch_conv_inputs_as_views() -> Iterator[None]:
     def without_copy(original):
         def transpose(inputs):
             if inputs.ndim == 4 and inputs.device.type in FAST_PATH_DEVICES:
-                views = _SHARED_INPUT_VIEWS[-1] if _SHARED_INPUT_VIEWS else None
+                stack = _shared_input_views()
+                views = stack[-1] if stack else None
                 if views is None or not (_eager_tensor(inputs) and inputs.requires_grad and torch.is_grad_enabled()):
                     return torch.permute(inputs, (0, 3, 1, 2))
                 seen = views.get(id(inputs))
@@ -198,18 +200,27 @@ def keras_torch_conv_inputs_as_views() -> Iterator[None]:
         yield
 
 
-#: While a freeing graph walk runs (innermost last): the NCHW views it gave convolutions and
-#: poolings, by the id of their NHWC input -> (input, its version then, view).
-#:
-#: A tensor read by two convolutions (a ResNet stage's input: the shortcut and the first
-#: convolution) then gets ONE view, so autograd sums the two input gradients before the
-#: permute's backward, in place, as for torchvision's channels_last tensors. With a view each,
-#: it summed two permuted views, which it does out of place: a new activation-sized tensor
-#: (ResNet50, 128 px, batch 32, a 2-core AMD EPYC: four sums, 19 ms of a step). Only in
-#: training (grad enabled, the input requires grad), where the convolution saves the view
-#: for its backward anyway, so holding it here keeps nothing alive longer; the walk drops
-#: the table when it ends.
-_SHARED_INPUT_VIEWS: list[dict] = []
+_THREAD_STATE = threading.local()
+
+
+def _shared_input_views() -> list[dict]:
+    """This thread's stack (innermost last) of one table per running freeing graph walk: the
+    NCHW views it gave convolutions and poolings, by the id of their NHWC input -> (input, its
+    version then, view).
+
+    A tensor read by two convolutions (a ResNet stage's input: the shortcut and the first
+    convolution) then gets ONE view, so autograd sums the two input gradients before the
+    permute's backward, in place, as for torchvision's channels_last tensors. With a view each,
+    it summed two permuted views, which it does out of place: a new activation-sized tensor
+    (ResNet50, 128 px, batch 32, a 2-core AMD EPYC: four sums, 19 ms of a step). Only in
+    training (grad enabled, the input requires grad), where the convolution saves the view
+    for its backward anyway, so holding it here keeps nothing alive longer; the walk drops
+    its table when it ends.
+    """
+    stack = getattr(_THREAD_STATE, "shared_input_views", None)
+    if stack is None:
+        stack = _THREAD_STATE.shared_input_views = []
+    return stack
 
 
 def _permuted_as_new_tensor(tensor, dims):
@@ -347,8 +358,8 @@ def _fused_batch_norm_call(original_call):
     subtract, multiply, add), each keeping its own copy of the activation for autograd. The
     moving statistics are updated with Keras's own formula and the biased batch variance, as
     Keras does, in place (`Variable.assign` computes the same and copies it in: bit-identical;
-    inside a Keras stateless scope through `assign`). Anything unusual (a mask, renorm, synchronized, not float32, a device outside
-    FAST_PATH_DEVICES) goes to Keras's own call.
+    inside a Keras stateless scope through `assign`). Anything unusual (a mask, renorm,
+    synchronized, not float32, a device outside FAST_PATH_DEVICES) goes to Keras's own call.
     """
     import torch
     from keras.src.backend.common.stateless_scope import in_stateless_scope
@@ -622,8 +633,8 @@ def _direct_layer_call():
     without Keras masks as the one positional argument; no keyword arguments in the node but
     the `mask=None` and `training` its symbolic call recorded; no autocast scope or
     distribution; `training` as Keras resolves it: the model's (read from the call context its
-    own `__call__` opened), else the recorded one (no context: Keras's call). Only when the installed `Layer.__call__` and
-    `Operation.__call__` are the ones in REPRODUCED_LAYER_CALLS.
+    own `__call__` opened), else the recorded one (no context: Keras's call). Only when the
+    installed `Layer.__call__` and `Operation.__call__` are the ones in REPRODUCED_LAYER_CALLS.
     """
     import keras
     import torch
@@ -698,11 +709,12 @@ def _graph_walk_freeing_intermediates(original):
     def walk(self, inputs, operation_fn=lambda op: op, call_fn=None):
         if call_fn is not None:
             return original(self, inputs, operation_fn=operation_fn, call_fn=call_fn)
-        _SHARED_INPUT_VIEWS.append({})
+        stack = _shared_input_views()
+        stack.append({})
         try:
             return walk_freeing(self, inputs, operation_fn)
         finally:
-            _SHARED_INPUT_VIEWS.pop()
+            stack.pop()
 
     def walk_freeing(self, inputs, operation_fn):
         inputs = tree.flatten(inputs)

@@ -867,7 +867,7 @@ def test_adam_chunks_cut_matching_pieces_in_memory_order(monkeypatch):
 
 
 class _NoSharedViews(list):
-    """Stands in for internals._SHARED_INPUT_VIEWS: the walk's table is never opened."""
+    """Stands in for the walk's stack of shared-view tables: no table is ever opened."""
 
     def append(self, item):
         pass
@@ -899,7 +899,7 @@ def test_two_convolutions_of_one_tensor_share_its_view_and_sum_gradients_in_plac
     def step(shared: bool):
         model = _two_conv_model(0)
         if not shared:
-            monkeypatch.setattr(internals, "_SHARED_INPUT_VIEWS", _NoSharedViews())
+            monkeypatch.setattr(internals, "_shared_input_views", lambda stack=_NoSharedViews(): stack)
         with internals.keras_torch_fast_path():
             outputs = model(torch.tensor(x), training=True)
             # the profiler, not a dispatch mode: under a Python mode autograd never sums in place
@@ -913,7 +913,7 @@ def test_two_convolutions_of_one_tensor_share_its_view_and_sum_gradients_in_plac
     expected, sums_without = step(shared=False)
     received, sums_with = step(shared=True)
     assert sums_without and not sums_with
-    assert internals._SHARED_INPUT_VIEWS == []
+    assert internals._shared_input_views() == []
     for got, want in zip(received, expected):
         np.testing.assert_array_equal(got, want)
 
@@ -944,3 +944,19 @@ def test_the_fused_batch_norm_writes_moving_statistics_as_assign_would():
         np.testing.assert_array_equal(getattr(in_place, variable).numpy(),
                                       keras.ops.convert_to_numpy(scope.get_current_value(getattr(recorded, variable))))
     assert not np.allclose(in_place.moving_mean.numpy(), [0.5, -1.0, 2.0])
+
+
+def test_each_thread_has_its_own_shared_view_stack():
+    """Two Grad-CAM requests of a dashboard run in two threads: neither sees the other's table."""
+    import threading
+
+    mine = internals._shared_input_views()
+    mine.append({"marker": 1})
+    try:
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(list(internals._shared_input_views())))
+        thread.start()
+        thread.join()
+        assert seen == [[]] and internals._shared_input_views() is mine
+    finally:
+        mine.pop()
