@@ -182,18 +182,20 @@ def keras_torch_conv_inputs_as_views() -> Iterator[None]:
 
     def without_copy(original):
         def transpose(inputs):
-            if inputs.ndim == 4 and inputs.device.type in FAST_PATH_DEVICES:
-                stack = _shared_input_views()
-                views = stack[-1] if stack else None
-                if views is None or not (_eager_tensor(inputs) and inputs.requires_grad and torch.is_grad_enabled()):
-                    return torch.permute(inputs, (0, 3, 1, 2))
-                seen = views.get(id(inputs))
-                if seen is not None and seen[0] is inputs and seen[1] == inputs._version:
-                    return seen[2]
-                view = torch.permute(inputs, (0, 3, 1, 2))
-                views[id(inputs)] = (inputs, inputs._version, view)
-                return view
-            return original(inputs)
+            if inputs.ndim != 4 or inputs.device.type not in FAST_PATH_DEVICES:
+                return original(inputs)
+            stack = _shared_input_views()
+            # Only tensors autograd tracks are shared: inference-mode tensors have no version
+            # counter (`_version` raises), and without grad there is no sum to save.
+            if not (stack and _eager_tensor(inputs) and inputs.requires_grad and torch.is_grad_enabled()):
+                return torch.permute(inputs, (0, 3, 1, 2))
+            views = stack[-1]
+            seen = views.get(id(inputs))
+            if seen is not None and seen[0] is inputs and seen[1] == inputs._version:
+                return seen[2]
+            view = torch.permute(inputs, (0, 3, 1, 2))
+            views[id(inputs)] = (inputs, inputs._version, view)
+            return view
         return transpose
 
     with _replaced(sys.modules["keras.src.backend.torch.nn"], "_transpose_spatial_inputs", without_copy):
@@ -396,13 +398,13 @@ def _fused_batch_norm_call(original_call):
             )
             biased_variance = batch_variance * ((count - 1) / count)
             momentum = self.momentum
-            if in_stateless_scope():  # Keras records the new values instead of writing them
-                self.moving_mean.assign(self.moving_mean.value * momentum + batch_mean * (1.0 - momentum))
-                self.moving_variance.assign(self.moving_variance.value * momentum + biased_variance * (1.0 - momentum))
-            else:  # what `assign` computes and copies in, written in place (53 layers: 2 x 53 assigns less)
-                with torch.no_grad():
-                    self.moving_mean.value.mul_(momentum).add_(batch_mean * (1.0 - momentum))
-                    self.moving_variance.value.mul_(momentum).add_(biased_variance * (1.0 - momentum))
+            stateless = in_stateless_scope()  # there Keras records new values instead of writing them
+            for moving, batch_value in ((self.moving_mean, batch_mean), (self.moving_variance, biased_variance)):
+                if stateless:
+                    moving.assign(moving.value * momentum + batch_value * (1.0 - momentum))
+                else:  # what `assign` computes and copies in, written in place (ResNet50: 106 assigns less)
+                    with torch.no_grad():
+                        moving.value.mul_(momentum).add_(batch_value * (1.0 - momentum))
         else:
             outputs = torch.nn.functional.batch_norm(
                 x, self.moving_mean.value, self.moving_variance.value, gamma, beta, training=False, eps=self.epsilon

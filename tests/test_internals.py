@@ -960,3 +960,21 @@ def test_each_thread_has_its_own_shared_view_stack():
         assert seen == [[]] and internals._shared_input_views() is mine
     finally:
         mine.pop()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+def test_the_fast_path_runs_under_inference_mode_as_keras_does():
+    """The Predictor runs the model inside `torch.inference_mode`, whose tensors have no version
+    counter: the fast path (shared conv-input views included) must neither read one nor change
+    the probabilities. A tensor read by two convolutions is the case that shares a view."""
+    import torch
+
+    model = _two_conv_model(0)
+    x = torch.tensor(np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32"))
+    with torch.inference_mode():
+        expected = model(x, training=False).numpy()
+        with internals.keras_torch_fast_path():
+            received = model(x, training=False)
+    assert received.is_inference()
+    np.testing.assert_array_equal(received.numpy(), expected)
+    assert internals._shared_input_views() == []
