@@ -468,7 +468,12 @@ def test_a_missing_affine_transform_is_named(monkeypatch):
 def _conv_model(seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((10, 10, 3))
-    x = keras.layers.Conv2D(6, 3, padding="same", name="conv3x3")(inputs)
+    # 16 channels into the strided 1x1 convolution, not fewer: torch 2.14's oneDNN (3.12) writes
+    # past its workspace in that convolution's weight gradient when a channels_last input has
+    # fewer channels than its block (8 with AVX2, 16 with AVX-512): with 6, the gradient came out
+    # wrong and different on every call under ONEDNN_MAX_CPU_ISA=AVX2 (an AMD EPYC without
+    # AVX-512 runs those kernels), and the same bug can hang or crash (oneDNN issue 6035).
+    x = keras.layers.Conv2D(16, 3, padding="same", name="conv3x3")(inputs)
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.Conv2D(5, 1, strides=2, name="conv1x1")(keras.layers.Activation("relu")(x))
     x = keras.layers.DepthwiseConv2D(3, name="depthwise")(x)  # not a Conv2D: left as Keras stores it
