@@ -50,7 +50,7 @@ import numpy as np
 
 from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import write_json_atomic
-from keras_ham.machine import cpu_model, load_average, package_version
+from keras_ham.machine import cpu_model, cpu_vector_extensions, kernel_overrides, load_average, package_version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("train", "inference", "loader", "gradcam", "memory")
@@ -204,6 +204,8 @@ def machine_info() -> dict:
 
     return {
         "cpu_model": cpu_model(),
+        "cpu_vector_extensions": cpu_vector_extensions(),
+        "kernel_overrides": kernel_overrides(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -628,6 +630,11 @@ def format_table(results: dict) -> str:
     threads = [f"{w['backend']} threads {w['runtime'].get('threads')}" for w in results["workers"] if w.get("runtime")]
     if threads:
         lines.append("; ".join(dict.fromkeys(threads)))
+    extensions = machine.get("cpu_vector_extensions")
+    if extensions or machine.get("kernel_overrides"):
+        overrides = " ".join(f"{name}={value}" for name, value in machine.get("kernel_overrides", {}).items())
+        lines.append(f"CPU vector extensions: {', '.join(extensions) or 'none reported'}"
+                     + (f"; kernels limited by {overrides} (not this CPU's own speed)" if overrides else ""))
     rows: list[tuple[str, str, str]] = []
 
     def add(section: str, name: str, value: str) -> None:
@@ -1334,7 +1341,8 @@ def _runtime_info(backend: str, choice) -> dict:
         import torch
 
         info.update({"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-                     "mkldnn": torch.backends.mkldnn.is_available()})
+                     "mkldnn": torch.backends.mkldnn.is_available(),
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability()})
     else:
         import tensorflow as tf
 

@@ -38,6 +38,36 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+#: /proc/cpuinfo flags that choose which floating-point kernels torch, oneDNN and TensorFlow
+#: run (so two machines with the same seed train slightly different models).
+VECTOR_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+#: Environment variables that make torch / oneDNN use an older instruction set than the CPU has.
+KERNEL_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def cpu_vector_extensions(cpuinfo: str | None = None) -> list[str]:
+    """The VECTOR_EXTENSIONS the CPU reports (first 'flags' line of /proc/cpuinfo); empty when
+    unreadable (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            return [name for name in VECTOR_EXTENSIONS if name in flags]
+    return []
+
+
+def kernel_overrides(environ=None) -> dict[str, str]:
+    """The KERNEL_OVERRIDES set in the environment (a run with them is not the CPU's own speed)."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in KERNEL_OVERRIDES if environ.get(name)}
+
+
 def package_version(*distributions: str) -> str | None:
     """Installed version of the first of `distributions` found, None when none is."""
     for name in distributions:

@@ -156,6 +156,21 @@ def test_summary_ratios_point_the_right_way():
     assert "keras fit / torchvision nchw" in table and "engine onnxruntime / Predictor" in table
 
 
+def test_the_report_names_the_cpu_extensions_and_any_kernel_override(monkeypatch):
+    """A run with torch / oneDNN limited to older kernels must not read as the CPU's own speed."""
+    options = bench.make_options(batch_size=4)
+    data = {"source": "generated", "dir": "/tmp/x", "paths": ["a"] * 16}
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    plain = bench.summarize(options, bench.machine_info(), data, fake_workers())
+    assert plain["machine"]["kernel_overrides"] == {} and "kernels limited" not in bench.format_table(plain)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    limited = bench.summarize(options, bench.machine_info(), data, fake_workers())
+    assert limited["machine"]["kernel_overrides"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert "kernels limited by ONEDNN_MAX_CPU_ISA=AVX2" in bench.format_table(limited)
+
+
 def test_failing_worker_reports_its_error(tmp_path):
     params = {"options": {"device": "cpu", "threads": None}, "tasks": ["no_such_task"]}
     with pytest.raises(bench.BenchError, match="no_such_task"):

@@ -23,3 +23,21 @@ def test_package_versions_are_installed_versions_without_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "[]"
+
+
+def test_cpu_vector_extensions_read_the_flags_line():
+    from keras_ham.machine import cpu_vector_extensions
+
+    amd_without_avx512 = "processor : 0\nmodel name : AMD EPYC\nflags : fpu sse2 avx avx2 fma bmi2\n"
+    xeon = "flags : fpu avx2 fma avx512f avx512dq avx512_vnni amx_tile\nflags : avx2\n"
+    assert cpu_vector_extensions(amd_without_avx512) == ["avx2", "fma"]
+    assert cpu_vector_extensions(xeon) == ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"]
+    assert cpu_vector_extensions("model name : Apple M2\n") == []
+
+
+def test_kernel_overrides_name_only_the_variables_set():
+    from keras_ham.machine import kernel_overrides
+
+    assert kernel_overrides({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "", "PATH": "/bin"}) == {
+        "ATEN_CPU_CAPABILITY": "avx2"}
+    assert kernel_overrides({}) == {}
