@@ -523,9 +523,10 @@ def test_channels_last_kernels_remove_the_kernel_copies_and_change_no_result(tmp
     copy of a kernel in forward or backward, and the layout survives assign and load_weights;
     saved files are the same as Keras's.
 
-    Measured on a 2-core AMD EPYC (AVX-512), torch threads 1 and 2, seeds 0-2: after two AdamW
-    steps the weights were bit-identical; the tolerance (1e-5) leaves room for a CPU whose
-    convolution picks another algorithm for the other weight layout."""
+    Measured on a 2-core AMD EPYC (AVX-512), torch threads 1 and 2, seeds 0-2, also with torch
+    and oneDNN limited to AVX2 and to SSE4.1 kernels (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA):
+    after two AdamW steps the weights were bit-identical; the tolerance (1e-5) leaves room for a
+    CPU whose convolution picks another algorithm for the other weight layout."""
     import torch
 
     x = np.random.default_rng(0).normal(size=(4, 10, 10, 3)).astype("float32")
