@@ -24,18 +24,24 @@ PACKAGE_DISTRIBUTIONS = {
 }
 
 
-def cpu_model(cpuinfo: str | None = None) -> str:
-    """The CPU's 'model name' from /proc/cpuinfo (else platform.processor())."""
+def _cpuinfo_value(field: str, cpuinfo: str | None = None) -> str:
+    """The first non-empty value of `field` in /proc/cpuinfo (or the text given); "" when
+    absent or unreadable (not Linux)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
-            cpuinfo = ""
+            return ""
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
+        if key.strip() == field and value.strip():
             return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
+    return ""
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's 'model name' from /proc/cpuinfo (else platform.processor())."""
+    return _cpuinfo_value("model name", cpuinfo) or platform.processor() or platform.machine() or "unknown"
 
 
 #: /proc/cpuinfo flags that choose which floating-point kernels torch, oneDNN and TensorFlow
@@ -49,17 +55,8 @@ KERNEL_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_I
 def cpu_vector_extensions(cpuinfo: str | None = None) -> list[str]:
     """The VECTOR_EXTENSIONS the CPU reports (first 'flags' line of /proc/cpuinfo); empty when
     unreadable (not Linux)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return []
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            return [name for name in VECTOR_EXTENSIONS if name in flags]
-    return []
+    flags = set(_cpuinfo_value("flags", cpuinfo).split())
+    return [name for name in VECTOR_EXTENSIONS if name in flags]
 
 
 def kernel_overrides(environ=None) -> dict[str, str]:

@@ -160,9 +160,10 @@ def test_the_report_names_the_cpu_extensions_and_any_kernel_override(monkeypatch
     """A run with torch / oneDNN limited to older kernels must not read as the CPU's own speed."""
     options = bench.make_options(batch_size=4)
     data = {"source": "generated", "dir": "/tmp/x", "paths": ["a"] * 16}
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    from keras_ham.machine import KERNEL_OVERRIDES
+
+    for name in KERNEL_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
     plain = bench.summarize(options, bench.machine_info(), data, fake_workers())
     assert plain["machine"]["kernel_overrides"] == {} and "kernels limited" not in bench.format_table(plain)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")

@@ -169,23 +169,18 @@ def test_every_backbone_is_a_config_choice_with_its_gradcam_layer():
         assert backbone_layers(model)[0] is not model.get_layer(backbone.preprocessing.layer_name)
 
 
-def _all_layers(layer):
-    yield layer
-    for child in getattr(layer, "layers", ()):
-        yield from _all_layers(child)
-
-
 def test_no_backbone_has_a_strided_1x1_convolution_on_fewer_than_16_channels():
     """torch 2.14's oneDNN (3.12) writes past its workspace in the weight gradient of a strided
     1x1 convolution whose channels_last input has fewer channels than its block (8 with AVX2,
     16 with AVX-512; oneDNN issue 6035): wrong gradients, a hang or a crash, depending on the
-    CPU. Keras on torch runs every convolution channels_last, so no backbone may have one."""
+    CPU. Keras on torch runs every convolution channels_last, so no backbone may have one. (The
+    models are flat: `model.layers` holds every layer.)"""
     from keras_ham.backbones import BACKBONES
 
     found = {}
     for name in BACKBONES:
         model = build_model(load_config(overrides={**TINY, "model": name}))
-        found[name] = [(layer.name, layer.input.shape[-1]) for layer in _all_layers(model)
+        found[name] = [(layer.name, layer.input.shape[-1]) for layer in model.layers
                        if isinstance(layer, keras.layers.Conv2D) and tuple(layer.kernel_size) == (1, 1)
                        and max(layer.strides) > 1]
         assert all(channels >= 16 for _, channels in found[name]), (name, found[name])
