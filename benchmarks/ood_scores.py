@@ -93,8 +93,10 @@ def layer_statistics(model, images: np.ndarray, batch_size: int = 64) -> dict[st
     "penultimate": the pooled features; "logits"."""
     import keras
 
+    from keras_ham.model import classifier_input
+
     names = list(LAYERS) + ["avg_pool", "logits"]
-    extractor = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
+    extractor = keras.Model(classifier_input(model), [model.get_layer(n).output for n in names])
     parts: dict[str, list] = {n: [] for n in names}
     for start in range(0, len(images), batch_size):
         outputs = extractor(images[start:start + batch_size], training=False)

@@ -283,14 +283,14 @@ def model_logits(model, batches, *, batch_size: int = 32) -> np.ndarray:
     Runs through the Predictor, so the fast torch path is used when it matches the model."""
     import keras
 
-    from keras_ham.model import LOGITS_LAYER, ModelError
+    from keras_ham.model import LOGITS_LAYER, ModelError, classifier_input
     from keras_ham.predict import Predictor
 
     try:
         logits = model.get_layer(LOGITS_LAYER).output
     except ValueError:
         raise ModelError(f"{model.name}: not a keras-ham classifier (no {LOGITS_LAYER!r} layer).") from None
-    logits_model = keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+    logits_model = keras.Model(classifier_input(model), logits, name=f"{model.name}_logits")
     return Predictor(logits_model, batch_size=batch_size).predict_dataset(batches).astype(np.float64)
 
 

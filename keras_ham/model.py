@@ -173,6 +173,16 @@ def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
         layer.trainable = trainable and not is_batchnorm
 
 
+def classifier_input(model: keras.Model):
+    """The classifier's one input tensor, to build models that share its layers.
+
+    Not `model.inputs`: a model built on that list expects a one-element list, and Keras
+    warns "The structure of `inputs` doesn't match" on every call with a plain batch."""
+    if len(model.inputs) != 1:
+        raise ModelError(f"{model.name}: a keras-ham classifier has one input, this model has {len(model.inputs)}.")
+    return model.inputs[0]
+
+
 def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
     """The same classifier (sharing its layers and weights) with softmax(logits / T) as output.
 
@@ -189,7 +199,7 @@ def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
         raise ModelError(f"{model.name}: not a keras-ham classifier (no {LOGITS_LAYER!r} layer).") from None
     scaled = keras.layers.Rescaling(1.0 / float(temperature), name=TEMPERATURE_LAYER)(logits)
     probabilities = keras.layers.Activation("softmax", dtype="float32", name=OUTPUT_LAYER)(scaled)
-    return keras.Model(model.inputs, probabilities, name=model.name)
+    return keras.Model(classifier_input(model), probabilities, name=model.name)
 
 
 def model_temperature(model: keras.Model) -> float | None:

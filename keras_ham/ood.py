@@ -44,7 +44,7 @@ def channel_statistics_model(model, layer_name: str):
     deviation: Keras's E[x^2] - E[x]^2 can go negative in float32)."""
     import keras
 
-    from keras_ham.model import ModelError
+    from keras_ham.model import ModelError, classifier_input
 
     try:
         features = model.get_layer(layer_name).output
@@ -55,7 +55,7 @@ def channel_statistics_model(model, layer_name: str):
     mean = keras.ops.mean(features, axis=(1, 2), keepdims=True)
     std = keras.ops.sqrt(keras.ops.mean(keras.ops.square(features - mean), axis=(1, 2)))
     statistics = keras.ops.concatenate([keras.ops.squeeze(mean, axis=(1, 2)), std], axis=-1)
-    return keras.Model(model.inputs, statistics, name=f"{model.name}_{layer_name}_statistics")
+    return keras.Model(classifier_input(model), statistics, name=f"{model.name}_{layer_name}_statistics")
 
 
 def ood_layer_of(model) -> str | None:

@@ -33,7 +33,7 @@ def uncalibrated_run(tiny_demo, tmp_path_factory):
 def _logits(model, images):
     import keras
 
-    sub = keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
+    sub = keras.Model(model.inputs[0], model.get_layer(LOGITS_LAYER).output)
     return np.asarray(keras.ops.convert_to_numpy(sub(images, training=False)), dtype=np.float64)
 
 
@@ -156,3 +156,27 @@ def test_a_temperature_at_its_bound_is_neither_built_in_nor_written(uncalibrated
     applied = fit_on_validation(untouched, config.replace(calibrate=True), val_data, log=lambda m: None)
     assert applied["calibration"]["applied"] and applied["calibration"]["temperature"] == 1.7
     assert model_temperature(load_classifier(untouched / "best.keras")) == pytest.approx(1.7, rel=1e-6)
+
+
+def test_models_built_on_a_classifier_take_a_plain_batch_without_keras_warnings(uncalibrated_run, tmp_path):
+    """The temperature model (saved as best.keras by every calibrated run), calibration's logits
+    model and the out-of-distribution statistics model keep the classifier's one-tensor input.
+    Built on `model.inputs` (a list) they expected a one-element list, and Keras warned "The
+    structure of `inputs` doesn't match" on every call with a batch, also after a save and load."""
+    import keras
+
+    from keras_ham.calibration import model_logits, save_model_atomic
+    from keras_ham.gradcam import default_layer_name
+    from keras_ham.ood import channel_statistics_model
+
+    result, _ = uncalibrated_run
+    model = load_classifier(result.run_dir / "best.keras")
+    save_model_atomic(with_temperature(model, 0.5), tmp_path / "calibrated.keras")
+    derived = [with_temperature(model, 0.5), load_classifier(tmp_path / "calibrated.keras"),
+               channel_statistics_model(model, default_layer_name(model))]
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Keras's warnings; its numpy DeprecationWarning is not ours
+        outputs = [keras.ops.convert_to_numpy(sub(images, training=False)) for sub in derived]
+        logits = model_logits(model, [(images, np.zeros(2, dtype="int64"))], batch_size=2)
+    assert [out.shape[0] for out in outputs] == [2, 2, 2] and logits.shape == (2, 7)
