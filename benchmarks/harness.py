@@ -23,7 +23,9 @@ Every backend runs in its own worker process (`python -m benchmarks.harness --wo
 OUT`, with KERAS_BACKEND set), so TensorFlow and torch never share threads or memory.
 Inside a worker, the things compared run interleaved (A, B, A, B, ...) and ratios are the
 medians of per-pair ratios, which cancels most of the drift of a shared, loaded machine;
-the load average is recorded before and after each worker.
+each comes with a 95 % interval from the spread of its pairs, and a target inside that
+interval is reported as undecided by the run. The load average is recorded before and after
+each worker.
 """
 
 from __future__ import annotations
@@ -193,6 +195,28 @@ def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
     if len(numerators) != len(denominators) or not numerators:
         raise ValueError("paired_ratio needs two equally long, non-empty sequences.")
     return median([a / b for a, b in zip(numerators, denominators)])
+
+
+#: Confidence level of the intervals reported beside the paired ratios.
+CONFIDENCE = 0.95
+
+
+def paired_ratio_interval(numerators: Sequence[float], denominators: Sequence[float],
+                          confidence: float = CONFIDENCE) -> list[float] | None:
+    """A distribution-free confidence interval of the median per-pair ratio (order statistics
+    of the ratios, scipy's `quantile_test`), or None where there are too few pairs for one
+    (fewer than 6 at 95 %).
+
+    It measures the noise between the pairs of one run only; a VM's slower hour moves whole
+    runs, so a ratio near its target needs several runs as well (README "Performance")."""
+    from scipy.stats import quantile_test
+
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError("paired_ratio_interval needs two equally long, non-empty sequences.")
+    ratios = np.asarray([a / b for a, b in zip(numerators, denominators)], dtype=np.float64)
+    interval = quantile_test(ratios, q=float(np.median(ratios)), p=0.5).confidence_interval(confidence)
+    low, high = float(interval.low), float(interval.high)
+    return [low, high] if np.isfinite(low) and np.isfinite(high) else None
 
 
 # --------------------------------------------------------------------------- machine
@@ -398,6 +422,7 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
             "images_per_second": {"keras_fit_torch": _ips(batch, fit), "torch_loop": _ips(batch, loop)},
             # images/s ratio = inverse ratio of the step times, pair by pair
             "keras_vs_torch_ratio": paired_ratio(loop, fit),
+            "keras_vs_torch_ratio_interval": paired_ratio_interval(loop, fit),
             "keras_vs_torch_ratio_per_repeat": [round(b / a, 4) for a, b in zip(fit_repeat, loop_repeat)],
         }
         anchors = {f: steps(f"torchvision_{f}") for f in TORCHVISION_FORMATS if steps(f"torchvision_{f}")}
@@ -420,7 +445,9 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
                      "call. After every fit step (inside fit's batch-end callback) one step each of the plain "
                      "torch loop over the same Keras model and of torchvision's model in NCHW and channels_last "
                      "runs, so they alternate step by step; ratios are medians of the per-step pairs. "
-                     "keras_vs_torchvision_ratio is against the faster torchvision format (torchvision_format).",
+                     "keras_vs_torchvision_ratio is against the faster torchvision format (torchvision_format). "
+                     "*_interval: a 95 % distribution-free interval of that median (the noise between this "
+                     "run's pairs; not the drift between runs).",
         })
         if tf_train:
             tf_steps = [s for t in tf_train for s in t["fit_seconds_per_step"]]
@@ -454,6 +481,7 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
         results["gradcam"] = {
             "seconds": {"gradcam": median(cam), "forward_backward": median(full), "forward": median(forward)},
             "vs_forward_backward_ratio": paired_ratio(cam, full),
+            "vs_forward_backward_ratio_interval": paired_ratio_interval(cam, full),
             "layer": torch_gradcam[0]["layer"],
             "runs": len(cam),
         }
@@ -504,6 +532,8 @@ def _against_torchvision(section: dict, anchors: dict[str, list[float]], ours: S
     faster = min(anchors, key=lambda f: median(anchors[f]))
     section["torchvision_format"] = faster
     section[ratio_name] = paired_ratio(anchors[faster], ours)
+    section[f"{ratio_name}_interval"] = paired_ratio_interval(anchors[faster], ours)
+    section[f"{ratio_name}_per_pair"] = [round(a / b, 4) for a, b in zip(anchors[faster], ours)]
 
 
 def _summarize_inference(workers: list[dict], batch: int) -> dict:
@@ -524,6 +554,7 @@ def _summarize_inference(workers: list[dict], batch: int) -> dict:
     keras_path = [s for t in torch_runs for s in t["batch_seconds"]["predictor_keras_path"]]
     # images/s ratio = inverse time ratio
     inference["keras_vs_torch_ratio"] = paired_ratio(plain, predictor)
+    inference["keras_vs_torch_ratio_interval"] = paired_ratio_interval(plain, predictor)
     inference["keras_path_vs_torch_ratio"] = paired_ratio(plain, keras_path)
     single_predictor = [s for t in torch_runs for s in t["latency_seconds"]["predictor"]]
     single_plain = [s for t in torch_runs for s in t["latency_seconds"]["torch_plain"]]
@@ -591,15 +622,31 @@ def _lookup(results: dict, dotted: str):
 
 
 def check_targets(results: dict) -> dict:
-    """{ratio path: {'value', 'target', 'met'}} for the ratios that were measured."""
+    """{ratio path: {'value', 'target', 'met', 'interval', 'decided'}} for the ratios that were
+    measured. `interval`: the ratio's confidence interval where it is a median of pairs (else
+    None); `decided`: False when the target lies inside it, so this run's own noise could
+    turn the verdict (None without an interval)."""
     checked = {}
     for path, (comparison, threshold) in TARGETS.items():
         value = _lookup(results, path)
         if value is None:
             continue
         met = value >= threshold if comparison == ">=" else value <= threshold
-        checked[path] = {"value": value, "target": f"{comparison} {threshold}", "met": bool(met)}
+        interval = _lookup(results, f"{path}_interval")
+        decided = None if interval is None else not (interval[0] <= threshold <= interval[1])
+        checked[path] = {"value": value, "target": f"{comparison} {threshold}", "met": bool(met),
+                         "interval": interval, "decided": decided}
     return checked
+
+
+def _target_line(path: str, check: dict) -> str:
+    verdict = "met" if check["met"] else "MISSED"
+    interval = check.get("interval")
+    if interval is None:
+        return f"target {path} {check['target']}: {_fmt(check['value'])} -> {verdict}"
+    noise = "" if check["decided"] else ", but the target is inside this run's interval: run it again"
+    return (f"target {path} {check['target']}: {_fmt(check['value'])} "
+            f"({round(100 * CONFIDENCE)} % interval {interval[0]:.3f}-{interval[1]:.3f}) -> {verdict}{noise}")
 
 
 # --------------------------------------------------------------------------- table
@@ -703,7 +750,7 @@ def format_table(results: dict) -> str:
     if results.get("targets"):
         lines.append("")
         for path, check in results["targets"].items():
-            lines.append(f"target {path} {check['target']}: {_fmt(check['value'])} -> {'met' if check['met'] else 'MISSED'}")
+            lines.append(_target_line(path, check))
     if results.get("skipped_backends"):
         lines.append(f"skipped (not installed): {', '.join(results['skipped_backends'])}")
     return "\n".join(lines)

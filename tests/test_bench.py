@@ -39,6 +39,38 @@ def test_statistics_helpers():
         bench.paired_ratio([1.0], [1.0, 2.0])
 
 
+def test_a_paired_ratio_comes_with_the_distribution_free_interval_of_its_median():
+    """For 15 pairs the 95 % interval of a median runs from the 4th to the 12th smallest value
+    (binomial: P(at most 3 of 15 below the median) = 1.8 % <= 2.5 %); 5 pairs cannot give one."""
+    ratios = np.random.default_rng(0).uniform(0.9, 1.0, 15)
+    denominators = np.random.default_rng(1).uniform(1.0, 2.0, 15)
+    numerators = list(ratios * denominators)
+    low, high = bench.paired_ratio_interval(numerators, list(denominators))
+    ordered = np.sort(ratios)
+    assert low == pytest.approx(ordered[3]) and high == pytest.approx(ordered[11])
+    assert low <= bench.paired_ratio(numerators, list(denominators)) <= high
+    assert bench.paired_ratio_interval(numerators[:5], list(denominators[:5])) is None
+    with pytest.raises(ValueError):
+        bench.paired_ratio_interval([1.0], [1.0, 2.0])
+
+
+def test_a_target_inside_the_runs_interval_is_reported_as_undecided():
+    def checked(value, interval):
+        results = {"train": {"keras_vs_torchvision_ratio": value, "keras_vs_torchvision_ratio_interval": interval}}
+        return bench.check_targets(results)["train.keras_vs_torchvision_ratio"]
+
+    close = checked(0.949, [0.93, 0.96])
+    assert close["met"] is False and close["decided"] is False and close["interval"] == [0.93, 0.96]
+    assert "run it again" in bench._target_line("train.keras_vs_torchvision_ratio", close)
+    clear = checked(0.92, [0.90, 0.94])
+    assert clear["met"] is False and clear["decided"] is True
+    line = bench._target_line("train.keras_vs_torchvision_ratio", clear)
+    assert "interval 0.900-0.940" in line and line.endswith("MISSED")
+    unpaired = checked(0.97, None)  # e.g. a memory ratio: one value per contender, no interval
+    assert unpaired["met"] is True and unpaired["decided"] is None
+    assert bench._target_line("train.keras_vs_torchvision_ratio", unpaired).endswith("-> met")
+
+
 def test_options_quick_preset_overrides_and_validation():
     quick = bench.make_options(quick=True, steps=3)
     assert (quick.image_size, quick.model, quick.steps, quick.quick) == (32, "resnet18", 3, True)
@@ -146,6 +178,9 @@ def test_summary_ratios_point_the_right_way():
     assert memory["torchvision_format"] == "nchw"  # the format training chose, not the smaller RSS
     assert memory["train_peak_rss_vs_torchvision_ratio"] == pytest.approx(1.5)
     assert targets["train.keras_vs_torchvision_ratio"]["met"] is False
+    assert train["keras_vs_torchvision_ratio_interval"] is None  # 4 pairs: too few for a 95 % interval
+    assert train["keras_vs_torchvision_ratio_per_pair"] == [0.5, 0.5, 0.5, 0.5]
+    assert targets["train.keras_vs_torchvision_ratio"]["decided"] is None
     assert targets["inference.predictor_vs_torchvision_ratio"]["met"] is False
     assert targets["memory.train_peak_rss_vs_torchvision_ratio"]["met"] is False
     assert targets["train.keras_vs_torch_ratio"]["met"] is False
