@@ -13,6 +13,7 @@ from keras_ham.model import (
     ModelError,
     backbone_layers,
     build_model,
+    classifier_input,
     load_classifier,
     set_backbone_trainable,
 )
@@ -261,3 +262,14 @@ def test_predictor_on_efficientnetb0_equals_keras(efficientnet):
     x = images(3, size=64, seed=8)
     expected = keras.ops.convert_to_numpy(efficientnet(x, training=False))
     np.testing.assert_allclose(Predictor(efficientnet, batch_size=2).predict(x), expected, atol=1e-5)
+
+
+def test_classifier_input_is_the_one_input_tensor_and_refuses_a_model_with_two():
+    image = keras.Input(shape=(8, 8, 3), name="image")
+    single = keras.Model(image, keras.layers.GlobalAveragePooling2D()(image))
+    assert classifier_input(single) is single.inputs[0]
+    other = keras.Input(shape=(3,), name="other")
+    pooled = keras.layers.GlobalAveragePooling2D()(image)
+    double = keras.Model([image, other], keras.layers.Add()([pooled, other]), name="two_inputs")
+    with pytest.raises(ModelError, match="two_inputs: a keras-ham classifier has one input, this model has 2"):
+        classifier_input(double)
