@@ -190,11 +190,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+def pair_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """numerator / denominator of each pair measured back to back."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError("paired ratios need two equally long, non-empty sequences.")
+    return [a / b for a, b in zip(numerators, denominators)]
+
+
 def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
     """Median of per-pair ratios: robust to load that changes between pairs."""
-    if len(numerators) != len(denominators) or not numerators:
-        raise ValueError("paired_ratio needs two equally long, non-empty sequences.")
-    return median([a / b for a, b in zip(numerators, denominators)])
+    return median(pair_ratios(numerators, denominators))
 
 
 #: Confidence level of the intervals reported beside the paired ratios.
@@ -211,10 +216,9 @@ def paired_ratio_interval(numerators: Sequence[float], denominators: Sequence[fl
     runs, so a ratio near its target needs several runs as well (README "Performance")."""
     from scipy.stats import quantile_test
 
-    if len(numerators) != len(denominators) or not numerators:
-        raise ValueError("paired_ratio_interval needs two equally long, non-empty sequences.")
-    ratios = np.asarray([a / b for a, b in zip(numerators, denominators)], dtype=np.float64)
-    interval = quantile_test(ratios, q=float(np.median(ratios)), p=0.5).confidence_interval(confidence)
+    ratios = np.asarray(pair_ratios(numerators, denominators), dtype=np.float64)
+    # the interval of the median (p=0.5) does not depend on the hypothesised value q
+    interval = quantile_test(ratios, p=0.5).confidence_interval(confidence)
     low, high = float(interval.low), float(interval.high)
     return [low, high] if np.isfinite(low) and np.isfinite(high) else None
 
@@ -533,7 +537,7 @@ def _against_torchvision(section: dict, anchors: dict[str, list[float]], ours: S
     section["torchvision_format"] = faster
     section[ratio_name] = paired_ratio(anchors[faster], ours)
     section[f"{ratio_name}_interval"] = paired_ratio_interval(anchors[faster], ours)
-    section[f"{ratio_name}_per_pair"] = [round(a / b, 4) for a, b in zip(anchors[faster], ours)]
+    section[f"{ratio_name}_per_pair"] = [round(ratio, 4) for ratio in pair_ratios(anchors[faster], ours)]
 
 
 def _summarize_inference(workers: list[dict], batch: int) -> dict:

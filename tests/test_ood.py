@@ -57,13 +57,13 @@ def test_channel_statistics_are_the_mean_and_std_of_the_layer_over_positions():
     import keras
 
     from keras_ham.config import load_config
-    from keras_ham.model import build_model
+    from keras_ham.model import build_model, classifier_input
 
     model = build_model(load_config(overrides={"weights": None, "image_size": 32, "model": "resnet18"}))
     images = np.random.default_rng(2).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
     statistics = keras.ops.convert_to_numpy(channel_statistics_model(model, "pool1_pool")(images, training=False))
     maps = keras.ops.convert_to_numpy(
-        keras.Model(model.inputs[0], model.get_layer("pool1_pool").output)(images, training=False)).astype(np.float64)
+        keras.Model(classifier_input(model), model.get_layer("pool1_pool").output)(images, training=False)).astype(np.float64)
     channels = maps.shape[-1]
     assert statistics.shape == (3, 2 * channels)
     np.testing.assert_allclose(statistics[:, :channels], maps.mean(axis=(1, 2)), rtol=1e-4, atol=1e-5)

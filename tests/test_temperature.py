@@ -14,6 +14,7 @@ from keras_ham.errors import KerasHamError
 from keras_ham.model import (
     LOGITS_LAYER,
     TEMPERATURE_LAYER,
+    classifier_input,
     load_classifier,
     model_temperature,
     with_temperature,
@@ -33,7 +34,7 @@ def uncalibrated_run(tiny_demo, tmp_path_factory):
 def _logits(model, images):
     import keras
 
-    sub = keras.Model(model.inputs[0], model.get_layer(LOGITS_LAYER).output)
+    sub = keras.Model(classifier_input(model), model.get_layer(LOGITS_LAYER).output)
     return np.asarray(keras.ops.convert_to_numpy(sub(images, training=False)), dtype=np.float64)
 
 
