@@ -211,6 +211,18 @@ def model_temperature(model: keras.Model) -> float | None:
     return 1.0 / float(layer.scale)
 
 
+def _with_one_input_tensor(model: keras.Model) -> keras.Model:
+    """`model`, rebuilt on its one input tensor when it was saved with a one-element input list.
+
+    Calibrated files written before `classifier_input` existed have that list, and Keras warns
+    "The structure of `inputs` doesn't match" on every call of such a model with a plain
+    batch. The rebuilt model shares the loaded layers and weights: same outputs, no warning."""
+    inputs = model.input
+    if not (isinstance(inputs, (list, tuple)) and len(inputs) == 1 and len(model.outputs) == 1):
+        return model
+    return keras.Model(inputs[0], model.outputs[0], name=model.name)
+
+
 def load_classifier(path: str | Path) -> keras.Model:
     """Load a saved classifier in safe mode, with a clear error for a bad file."""
     path = Path(path)
@@ -226,6 +238,7 @@ def load_classifier(path: str | Path) -> keras.Model:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # noqa: BLE001 - any failure means an unusable model file
         raise ModelError(f"{path}: cannot load model ({type(error).__name__}: {error}).") from error
+    model = _with_one_input_tensor(model)
     shape = model.input_shape
     if not (isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 3):
         raise ModelError(f"{path}: expected a model taking (N, H, W, 3) images, its input is {shape}.")

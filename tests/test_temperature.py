@@ -181,3 +181,29 @@ def test_models_built_on_a_classifier_take_a_plain_batch_without_keras_warnings(
         outputs = [keras.ops.convert_to_numpy(sub(images, training=False)) for sub in derived]
         logits = model_logits(model, [(images, np.zeros(2, dtype="int64"))], batch_size=2)
     assert [out.shape[0] for out in outputs] == [2, 2, 2] and logits.shape == (2, 7)
+
+
+def test_a_file_saved_with_a_one_element_input_list_loads_without_keras_warnings(uncalibrated_run, tmp_path):
+    """Calibrated files written before classifier_input existed were built on `model.inputs`;
+    load_classifier rebuilds them on the one tensor, with the same layers and probabilities."""
+    import keras
+
+    from keras_ham.calibration import save_model_atomic
+
+    result, _ = uncalibrated_run
+    model = load_classifier(result.run_dir / "best.keras")
+    logits = model.get_layer(LOGITS_LAYER).output
+    probabilities = keras.layers.Activation("softmax", dtype="float32", name="old_probabilities")(logits)
+    save_model_atomic(keras.Model(model.inputs, probabilities, name=model.name), tmp_path / "old.keras")
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    raw = keras.saving.load_model(tmp_path / "old.keras", compile=False)
+    assert isinstance(raw.input, list)  # the file really has the old structure
+    with pytest.warns(UserWarning, match="structure of `inputs`"):
+        expected = keras.ops.convert_to_numpy(raw(images, training=False))
+    loaded = load_classifier(tmp_path / "old.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = keras.ops.convert_to_numpy(loaded(images, training=False))
+    assert not isinstance(loaded.input, list) and loaded.name == model.name
+    assert loaded.get_layer(LOGITS_LAYER) is not None
+    np.testing.assert_array_equal(got, expected)
