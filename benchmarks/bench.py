@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="images per batch (default 32; quick 4)")
     parser.add_argument("--steps", type=int, help="measured steps/batches per repeat (default 5; quick 2)")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps before measuring (default 2; quick 1)")
+    parser.add_argument("--settle-steps", type=int,
+                        help="untimed steps each contender runs before each timed one, so none is timed right "
+                             "after another model's step (default 1; 0: strict alternation)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats inside each worker (default 3; quick 2)")
     parser.add_argument("--rounds", type=int, help="runs of every worker, alternating backends (default 1)")
     parser.add_argument("--model", choices=MODEL_NAMES, help="backbone (default resnet50; quick resnet18)")
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         steps=args.steps,
         warmup_steps=args.warmup_steps,
+        settle_steps=args.settle_steps,
         repeats=args.repeats,
         rounds=args.rounds,
         model=args.model,

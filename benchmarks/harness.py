@@ -98,6 +98,8 @@ class BenchOptions:
     batch_size: int = 32
     steps: int = 5
     warmup_steps: int = 2
+    #: Untimed steps each contender runs before each of its timed ones (see `_timed_fit`).
+    settle_steps: int = 1
     repeats: int = 3
     rounds: int = 1
     model: str = "resnet50"
@@ -154,6 +156,7 @@ def _validate_options(options: BenchOptions) -> None:
         "batch_size": (1, 4096),
         "steps": (1, 100000),
         "warmup_steps": (1, 1000),
+        "settle_steps": (0, 100),
         "repeats": (1, 1000),
         "rounds": (1, 100),
         "latency_runs": (2, 100000),
@@ -833,19 +836,24 @@ def _dataset(params: dict, count: int, *, cache_dir: str | None, shuffle: bool =
                       seed=0, cache_dir=cache_dir)
 
 
-def _timed_fit(model, dataset, steps: int, between: Callable[[], dict[str, float]] | None = None
-               ) -> tuple[list[float], dict[str, list[float]]]:
-    """Run ONE `model.fit` of 1 + `steps` steps; return (fit seconds per step, {name: seconds
-    per step} of what `between` ran).
+def _timed_fit(model, dataset, steps: int, between: Callable[[], dict[str, float]] | None = None,
+               settle: int = 0) -> tuple[list[float], dict[str, list[float]]]:
+    """Run ONE `model.fit` of 1 + `steps` x (1 + `settle`) steps; return (seconds of its `steps`
+    timed steps, {name: seconds per step} of what `between` ran).
 
-    The first step (iterator start-up) is not timed. With `between`, it runs after every fit
-    step, inside fit's batch-end callback, and returns the durations of the things it ran:
-    fit and the others then alternate step by step (A, B, C, A, B, C), so a change in
-    machine load hits all of them. A fit step is timed from the end of the previous `between`
-    (or step) to the end of its own batch, so it includes fetching its batch, the train step
-    and Keras's bookkeeping. One fit call for the whole measurement: fit is not re-entered
-    between repeats (each entry rebuilds the epoch iterator and callbacks, and its first
-    step is a start-up step).
+    The first step (iterator start-up) is not timed. With `between`, it runs after every timed
+    fit step, inside fit's batch-end callback, and returns the durations of the things it ran:
+    fit and the others then take turns (A, B, C, A, B, C), so a change in machine load hits
+    all of them. In each turn a contender first runs `settle` untimed steps: the first step
+    after another model's is not one a user ever runs, and it is slower (ResNet50, 128 px,
+    batch 32, 2-core AMD EPYC family 26: keras-ham's step took 1,035 ms right after a
+    torchvision step and 976 ms right after its own; torchvision's 921 and 942 ms), which
+    strict alternation charged to fit alone, since it always follows torchvision (`between`
+    runs its contenders the same way, and `_interleaved` its functions). A timed fit step runs from the end of
+    the previous step to the end of its own batch, so it includes fetching its batch, the
+    train step and Keras's bookkeeping. One fit call for the whole measurement: fit is not
+    re-entered between repeats (each entry rebuilds the epoch iterator and callbacks, and its
+    first step is a start-up step).
     """
     import keras
 
@@ -856,7 +864,7 @@ def _timed_fit(model, dataset, steps: int, between: Callable[[], dict[str, float
     class StepTimer(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             now, cpu = time.perf_counter(), time.process_time()
-            if batch > 0:
+            if batch > 0 and (batch - 1) % (1 + settle) == settle:
                 fit_seconds.append(now - resumed[0])
                 other_seconds.setdefault("fit_cpu", []).append(cpu - resumed[1])
                 if between is not None:
@@ -867,17 +875,18 @@ def _timed_fit(model, dataset, steps: int, between: Callable[[], dict[str, float
     from keras_ham.internals import keras_torch_fast_path
 
     with keras_torch_fast_path():  # as keras_ham.train runs fit
-        model.fit(dataset, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[StepTimer()])
+        model.fit(dataset, epochs=1, steps_per_epoch=1 + steps * (1 + settle), verbose=0, callbacks=[StepTimer()])
     if len(fit_seconds) != steps:
-        raise BenchError(f"model.fit ran {len(fit_seconds) + 1} of {steps + 1} steps: "
+        raise BenchError(f"model.fit ran {len(fit_seconds)} of {steps} timed steps: "
                          f"the dataset has only {len(dataset)} batches.")
     return fit_seconds, other_seconds
 
 
 def train_steps_needed(options) -> int:
-    """Batches one training measurement reads: the untimed first step, warm-up, measured steps."""
+    """Batches one training measurement reads: the untimed first step, then warm-up and measured
+    steps, each after its settling steps."""
     get = options.get if isinstance(options, dict) else lambda key: getattr(options, key)
-    return 1 + get("warmup_steps") + get("steps") * get("repeats")
+    return 1 + (get("warmup_steps") + get("steps") * get("repeats")) * (1 + get("settle_steps"))
 
 
 def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict:
@@ -887,6 +896,7 @@ def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict
 
     options = params["options"]
     steps, repeats, warmup = options["steps"], options["repeats"], options["warmup_steps"]
+    settle = options["settle_steps"]
     config = _bench_config(options)
     dataset = _dataset(params, params["train_images"], cache_dir=params["cache_dir"])
     model = build_model(config)
@@ -903,6 +913,8 @@ def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict
         seconds = {}
         for name, step in contenders.items():
             sampler.phase = name
+            for _ in range(settle):
+                step()
             started, cpu = time.perf_counter(), time.process_time()
             step()
             seconds[name] = time.perf_counter() - started
@@ -912,8 +924,10 @@ def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict
 
     sampler.phase = "fit"
     print(f"  train: 1 + {warmup} warm-up + {steps} x {repeats} measured steps of fit"
-          + (f" and {', '.join(contenders)}" if contenders else ""), flush=True)
-    fit_all, others_all = _timed_fit(model, dataset, warmup + steps * repeats, between if contenders else None)
+          + (f" and {', '.join(contenders)}" if contenders else "")
+          + (f", each after {settle} untimed settling step(s)" if settle else ""), flush=True)
+    fit_all, others_all = _timed_fit(model, dataset, warmup + steps * repeats, between if contenders else None,
+                                     settle=settle)
     fit_steps = fit_all[warmup:]
     others = {name: values[warmup:] for name, values in others_all.items() if not name.endswith("_cpu")}
     # CPU seconds this process got per wall second of a step, over the measured steps: with
@@ -1137,9 +1151,9 @@ def _inference_task(params: dict, backend: str) -> dict:
             function(batch)
             function(single)
         engines_info.setdefault("warmup_seconds", {})[name] = round(time.perf_counter() - started, 2)
-    batch_seconds = _interleaved(functions, batch, runs)
+    batch_seconds = _interleaved(functions, batch, runs, options["settle_steps"])
     latency_functions = {k: v for k, v in functions.items() if k != "predictor_keras_path"}
-    latency_seconds = _interleaved(latency_functions, single, options["latency_runs"])
+    latency_seconds = _interleaved(latency_functions, single, options["latency_runs"], options["settle_steps"])
     expected = model.predict(batch, verbose=0)
     difference = float(np.max(np.abs(functions["predictor"](batch) - expected)))
     for engine in ("onnxruntime", "torch_compile"):
@@ -1259,11 +1273,14 @@ def _randomize_batchnorm(model) -> None:
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype("float32"))
 
 
-def _interleaved(functions: dict[str, Callable], argument, runs: int) -> dict[str, list[float]]:
-    """Call every function on `argument`, round-robin, `runs` times each; seconds per call."""
+def _interleaved(functions: dict[str, Callable], argument, runs: int, settle: int = 0) -> dict[str, list[float]]:
+    """Call every function on `argument`, round-robin, `runs` timed times each, each timed call
+    after `settle` untimed ones (see `_timed_fit`); seconds per timed call."""
     seconds: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(runs):
         for name, function in functions.items():
+            for _ in range(settle):
+                function(argument)
             started = time.perf_counter()
             function(argument)
             seconds[name].append(time.perf_counter() - started)
@@ -1297,7 +1314,7 @@ def _gradcam_task(params: dict) -> dict:
     for function in functions.values():
         for _ in range(options["warmup_steps"]):
             function(image)
-    seconds = _interleaved(functions, image, options["latency_runs"])
+    seconds = _interleaved(functions, image, options["latency_runs"], options["settle_steps"])
     model.zero_grad(set_to_none=True)
     result = {"gradcam_seconds": seconds["gradcam"], "forward_backward_seconds": seconds["forward_backward"],
               "forward_seconds": seconds["forward"], "layer": gradcam.layer_name}
@@ -1364,7 +1381,7 @@ def _breakdown_task(params: dict) -> dict:
     with torch.inference_mode():
         for function in functions.values():
             function(batch)
-        batch_seconds = _interleaved(functions, batch, runs)
+        batch_seconds = _interleaved(functions, batch, runs, options["settle_steps"])
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -1380,7 +1397,7 @@ def _breakdown_task(params: dict) -> dict:
                       "torch_loop_fast_path": patched(lambda _: loop.step(), keras_torch_fast_path)}
     for function in step_functions.values():
         function(None)
-    train_seconds = _interleaved(step_functions, None, options["steps"])
+    train_seconds = _interleaved(step_functions, None, options["steps"], options["settle_steps"])
     del model
     keras.backend.clear_session()
     return {"batch_seconds": batch_seconds, "train_step_seconds": train_seconds, "profile_top_ops": profile_top}

@@ -84,6 +84,55 @@ def test_options_quick_preset_overrides_and_validation():
             bench.make_options(**bad)
 
 
+def test_each_contender_settles_before_its_timed_call():
+    """With settle=1 every function runs twice per turn, back to back, and only the second
+    call is timed: none is timed right after another model's step."""
+    calls: list[str] = []
+    function = lambda name: (lambda _: calls.append(name))  # noqa: E731
+    seconds = bench._interleaved({"a": function("a"), "b": function("b")}, None, runs=3, settle=1)
+    assert calls == ["a", "a", "b", "b"] * 3
+    assert [len(v) for v in seconds.values()] == [3, 3]
+    calls.clear()
+    bench._interleaved({"a": function("a"), "b": function("b")}, None, runs=2)
+    assert calls == ["a", "b"] * 2
+    options = bench.make_options(steps=4, repeats=2, warmup_steps=1, settle_steps=1)
+    assert bench.train_steps_needed(options) == 1 + (1 + 4 * 2) * 2
+    assert bench.train_steps_needed(bench.make_options(steps=4, repeats=2, warmup_steps=1, settle_steps=0)) == 10
+    with pytest.raises(bench.BenchError, match="settle_steps"):
+        bench.make_options(settle_steps=-1)
+
+
+def test_timed_fit_times_only_the_step_after_each_settling_step():
+    """fit runs 1 + steps x 2 training steps; `between` runs after every timed one."""
+    import keras
+
+    class Counting(keras.layers.Layer):
+        steps = 0
+
+        def call(self, x, training=None):
+            if training and not isinstance(x, keras.KerasTensor):
+                Counting.steps += 1
+            return x
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(Counting()(inputs)))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, index):
+            return np.ones((2, 4), "float32"), np.zeros(2, "int32")
+
+    between = []
+    fit_seconds, others = bench._timed_fit(model, Batches(), 3, lambda: between.append(Counting.steps) or {"x": 0.1},
+                                           settle=1)
+    assert len(fit_seconds) == 3 and others["x"] == [0.1] * 3
+    assert Counting.steps == 1 + 3 * 2
+    assert between == [3, 5, 7]  # after steps 3, 5 and 7: each timed step follows a settling one
+
+
 def test_worker_tasks_follow_the_sections():
     """`--only memory` runs only the isolated memory workers (no interleaved training worker)."""
     tasks = bench._worker_tasks
