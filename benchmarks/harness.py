@@ -52,7 +52,7 @@ import numpy as np
 
 from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import write_json_atomic
-from keras_ham.machine import cpu_model, cpu_vector_extensions, kernel_overrides, load_average, package_version
+from keras_ham.machine import cpu_generation, cpu_model, cpu_vector_extensions, kernel_overrides, load_average, package_version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("train", "inference", "loader", "gradcam", "memory")
@@ -235,6 +235,7 @@ def machine_info() -> dict:
 
     return {
         "cpu_model": cpu_model(),
+        "cpu_generation": cpu_generation(),
         "cpu_vector_extensions": cpu_vector_extensions(),
         "kernel_overrides": kernel_overrides(),
         "logical_cores": os.cpu_count(),
@@ -350,7 +351,7 @@ def run_benchmarks(options: BenchOptions, out_path: str | os.PathLike | None = N
     skipped = [b for b in options.backends if b not in backends]
     started = time.perf_counter()
     machine = machine_info()
-    log(f"machine: {machine['cpu_model']}, {machine['logical_cores']} cores, load {machine['load_average']}")
+    log(f"machine: {_cpu_name(machine)}, {machine['logical_cores']} cores, load {machine['load_average']}")
     work_dir = Path(tempfile.mkdtemp(prefix="keras-ham-bench-"))
     try:
         train_images = options.batch_size * train_steps_needed(options)
@@ -659,6 +660,11 @@ def _target_line(path: str, check: dict) -> str:
 # --------------------------------------------------------------------------- table
 
 
+def _cpu_name(machine: dict) -> str:
+    generation = machine.get("cpu_generation")
+    return f"{machine['cpu_model']} ({generation})" if generation else machine["cpu_model"]
+
+
 def _fmt(value, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -675,7 +681,7 @@ def format_table(results: dict) -> str:
         f"keras-ham benchmark: {options['model']} {options['image_size']}px, batch {options['batch_size']}, "
         f"{options['steps']} steps x {options['repeats']} repeats x {options['rounds']} round(s)"
         + (" [quick]" if options.get("quick") else ""),
-        f"machine: {machine['cpu_model']}, {machine['logical_cores']} logical cores; torch "
+        f"machine: {_cpu_name(machine)}, {machine['logical_cores']} logical cores; torch "
         f"{machine['versions']['torch']}, keras {machine['versions']['keras']}, tensorflow "
         f"{machine['versions']['tensorflow']}; data: {results['data']['source']}",
         "load average (1/5/15 min) before -> after each worker: "

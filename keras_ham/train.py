@@ -37,7 +37,7 @@ from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 from keras_ham.internals import keras_torch_conv_kernels_channels_last, keras_torch_fast_path
 from keras_ham.labels import CLASS_NAMES, NUM_CLASSES
-from keras_ham.machine import cpu_model, cpu_vector_extensions, kernel_overrides, package_versions
+from keras_ham.machine import cpu_generation, cpu_model, cpu_vector_extensions, kernel_overrides, package_versions
 from keras_ham.metrics import BalancedAccuracy, SparseCrossentropyWithSmoothing
 from keras_ham.model import build_model, set_backbone_trainable
 from keras_ham.runs import (  # noqa: F401 - the layout names stay importable from here for other code
@@ -465,6 +465,7 @@ def train(
         "device_reason": device.reason if device else None,
         "platform": platform.platform(),
         "processor": cpu_model(),
+        "processor_generation": cpu_generation(),
         "cpu_vector_extensions": cpu_vector_extensions(),  # which kernels ran: results differ between sets
         "kernel_overrides": kernel_overrides(),
         "logical_cores": os.cpu_count(),

@@ -41,3 +41,13 @@ def test_kernel_overrides_name_only_the_variables_set():
     assert kernel_overrides({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "", "PATH": "/bin"}) == {
         "ATEN_CPU_CAPABILITY": "avx2"}
     assert kernel_overrides({}) == {}
+
+
+def test_cpu_generation_tells_two_epyc_generations_apart():
+    from keras_ham.machine import cpu_generation
+
+    zen5 = "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+    zen4 = zen5.replace("26", "25").replace(": 2\n", ": 17\n")
+    assert cpu_generation(zen5) == "AuthenticAMD family 26 model 2 stepping 1"
+    assert cpu_generation(zen4) == "AuthenticAMD family 25 model 17 stepping 1"
+    assert cpu_generation("processor : 0\nmodel name : Apple M2\n") == ""

@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_config
 from keras_ham.config import Config, load_config
 from keras_ham.labels import CLASS_NAMES
-from keras_ham.machine import cpu_model, cpu_vector_extensions, kernel_overrides
+from keras_ham.machine import cpu_generation, cpu_model, cpu_vector_extensions, kernel_overrides
 from keras_ham.train import TrainingError, learning_rate_at, resolve_run_dir, train
 
 
@@ -42,6 +42,7 @@ def test_training_writes_a_complete_run_folder(tiny_demo, tmp_path):
     assert summary["best_score"] == pytest.approx(history["val_balanced_accuracy"].max())
     assert summary["versions"]["keras"] == keras.__version__
     assert summary["processor"] == cpu_model() and summary["logical_cores"] >= 1
+    assert summary["processor_generation"] == cpu_generation()
     assert summary["cpu_vector_extensions"] == cpu_vector_extensions() and summary["kernel_overrides"] == kernel_overrides()
     model = keras.saving.load_model(run / "best.keras", safe_mode=True)
     assert model.input_shape == (None, 32, 32, 3) and not model.compiled
