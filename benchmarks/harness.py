@@ -902,7 +902,6 @@ def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict
 
     options = params["options"]
     steps, repeats, warmup = options["steps"], options["repeats"], options["warmup_steps"]
-    settle = options["settle_steps"]
     config = _bench_config(options)
     dataset = _dataset(params, params["train_images"], cache_dir=params["cache_dir"])
     model = build_model(config)
@@ -914,6 +913,8 @@ def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict
         if _torchvision_available():
             for memory_format in TORCHVISION_FORMATS:
                 contenders[f"torchvision_{memory_format}"] = _TorchvisionLoop(options, dataset, config, memory_format).step
+
+    settle = options["settle_steps"] if contenders else 0  # fit alone always follows itself
 
     def between() -> dict[str, float]:
         seconds = {}
