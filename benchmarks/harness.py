@@ -52,7 +52,8 @@ import numpy as np
 
 from keras_ham.errors import KerasHamError
 from keras_ham.io_utils import write_json_atomic
-from keras_ham.machine import cpu_generation, cpu_model, cpu_vector_extensions, kernel_overrides, load_average, package_version
+from keras_ham.machine import (cpu_generation, cpu_model, cpu_vector_extensions, kernel_overrides, load_average,
+                               package_version)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("train", "inference", "loader", "gradcam", "memory")
@@ -855,11 +856,11 @@ def _timed_fit(model, dataset, steps: int, between: Callable[[], dict[str, float
     batch 32, 2-core AMD EPYC family 26: keras-ham's step took 1,035 ms right after a
     torchvision step and 976 ms right after its own; torchvision's 921 and 942 ms), which
     strict alternation charged to fit alone, since it always follows torchvision (`between`
-    runs its contenders the same way, and `_interleaved` its functions). A timed fit step runs from the end of
-    the previous step to the end of its own batch, so it includes fetching its batch, the
-    train step and Keras's bookkeeping. One fit call for the whole measurement: fit is not
-    re-entered between repeats (each entry rebuilds the epoch iterator and callbacks, and its
-    first step is a start-up step).
+    runs its contenders the same way, and `_interleaved` its functions). A timed fit step runs
+    from the end of the previous step to the end of its own batch, so it includes fetching its
+    batch, the train step and Keras's bookkeeping. One fit call for the whole measurement: fit
+    is not re-entered between repeats (each entry rebuilds the epoch iterator and callbacks,
+    and its first step is a start-up step).
     """
     import keras
 

@@ -1014,7 +1014,8 @@ def _conv_bias_model(seed: int) -> keras.Model:
             layer.bias.assign(rng.normal(0, 1, layer.bias.shape))
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 1, c), rng.normal(0, 1, c), rng.uniform(0.5, 2, c)])
+            layer.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 1, c), rng.normal(0, 1, c),
+                               rng.uniform(0.5, 2, c)])
     model.get_layer("b_frozen").trainable = False
     return model
 
@@ -1022,10 +1023,11 @@ def _conv_bias_model(seed: int) -> keras.Model:
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
 @pytest.mark.parametrize("seed", [0, 2])
 def test_a_conv_bias_before_a_training_batch_norm_is_left_out_with_a_zero_gradient(monkeypatch, seed):
-    """Only c1's bias is left out (c2's goes to a frozen batch norm, which adds it): the training outputs, every other gradient, the
-    moving statistics and then the inference outputs are Keras's own up to rounding; c1's bias
-    gradient is exactly zero where Keras sums rounding noise (the exact value is zero), and the
-    biases the rule leaves alone get Keras's real gradient.
+    """Only c1's bias is left out (c2's goes to a frozen batch norm, which adds it): the
+    training outputs, every other gradient, the moving statistics and then the inference
+    outputs are Keras's own up to rounding; c1's bias gradient is exactly zero where Keras sums
+    rounding noise (the exact value is zero), and the biases the rule leaves alone get Keras's
+    real gradient.
 
     "Up to rounding": against a float64 run of the same model, Keras's float32 gradients were
     off by up to 4.7e-5 and the fast path's by up to 5.5e-5 without this rule and 8.9e-5 with
