@@ -103,7 +103,8 @@ def test_each_contender_settles_before_its_timed_call():
 
 
 def test_timed_fit_times_only_the_step_after_each_settling_step():
-    """fit runs 1 + steps x 2 training steps; `between` runs after every timed one."""
+    """fit runs 1 + steps x 2 training steps, reading a short dataset round and round;
+    `between` runs after every timed one."""
     import keras
 
     class Counting(keras.layers.Layer):
@@ -120,7 +121,7 @@ def test_timed_fit_times_only_the_step_after_each_settling_step():
 
     class Batches(keras.utils.PyDataset):
         def __len__(self):
-            return 100
+            return 2  # fewer than the 7 steps: read round and round
 
         def __getitem__(self, index):
             return np.ones((2, 4), "float32"), np.zeros(2, "int32")
