@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -944,12 +945,7 @@ def _train_task(params: dict, choice, sampler: RssSampler, backend: str) -> dict
         seconds = {}
         for name, step in contenders.items():
             sampler.phase = name
-            for _ in range(settle):
-                step()
-            started, cpu = time.perf_counter(), time.process_time()
-            step()
-            seconds[name] = time.perf_counter() - started
-            seconds[f"{name}_cpu"] = time.process_time() - cpu
+            seconds[name], seconds[f"{name}_cpu"] = _settled_call(step, settle)
         sampler.phase = "fit"
         return seconds
 
@@ -1304,17 +1300,23 @@ def _randomize_batchnorm(model) -> None:
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype("float32"))
 
 
+def _settled_call(function: Callable[[], object], settle: int) -> tuple[float, float]:
+    """Call `function` `settle` untimed times, then once more: (wall seconds, CPU seconds) of
+    that last call. The first call after another model's is slower (see `_timed_fit`)."""
+    for _ in range(settle):
+        function()
+    started, cpu = time.perf_counter(), time.process_time()
+    function()
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
 def _interleaved(functions: dict[str, Callable], argument, runs: int, settle: int = 0) -> dict[str, list[float]]:
     """Call every function on `argument`, round-robin, `runs` timed times each, each timed call
-    after `settle` untimed ones (see `_timed_fit`); seconds per timed call."""
+    after `settle` untimed ones (`_settled_call`); seconds per timed call."""
     seconds: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(runs):
         for name, function in functions.items():
-            for _ in range(settle):
-                function(argument)
-            started = time.perf_counter()
-            function(argument)
-            seconds[name].append(time.perf_counter() - started)
+            seconds[name].append(_settled_call(functools.partial(function, argument), settle)[0])
     return seconds
 
 

@@ -376,10 +376,8 @@ def _fused_batch_norm_call(original_call):
     import torch
     from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-    def call(self, inputs, training=None, mask=None, conv_bias=None):
-        if conv_bias is not None and not (training and self.trainable):
-            inputs, conv_bias = _add_conv_bias(inputs, conv_bias), None
-        if (
+    def keras_call_needed(self, inputs, mask) -> bool:
+        return (
             mask is not None
             or getattr(self, "renorm", False)
             or getattr(self, "synchronized", False)
@@ -388,9 +386,23 @@ def _fused_batch_norm_call(original_call):
             or self.compute_dtype != "float32"
             or inputs.ndim < 2
             or inputs.device.type not in FAST_PATH_DEVICES
-        ):
-            if conv_bias is not None:
-                inputs = _add_conv_bias(inputs, conv_bias)
+        )
+
+    def bias_left_out(self, inputs, training, conv_bias) -> bool:
+        """Whether this call trains on its batch over the last axis, where the bias changes nothing."""
+        channels = inputs.shape[-1]
+        return (
+            bool(training and self.trainable)
+            and self.axis % inputs.ndim == inputs.ndim - 1
+            and conv_bias.shape == (channels,)
+            and inputs.numel() // max(channels, 1) >= 2
+        )
+
+    def call(self, inputs, training=None, mask=None, conv_bias=None):
+        keras_call = keras_call_needed(self, inputs, mask)
+        if conv_bias is not None and (keras_call or not bias_left_out(self, inputs, training, conv_bias)):
+            inputs, conv_bias = _add_conv_bias(inputs, conv_bias), None
+        if keras_call:
             return original_call(self, inputs, training=training, mask=mask)
         axis = self.axis % inputs.ndim
         order = [0, axis] + [i for i in range(1, inputs.ndim) if i != axis]
@@ -399,9 +411,6 @@ def _fused_batch_norm_call(original_call):
         channels = x.shape[1]
         count = x.numel() // max(channels, 1)
         training = bool(training and self.trainable)
-        if conv_bias is not None and (count < 2 or axis != inputs.ndim - 1 or conv_bias.shape != (channels,)):
-            inputs, conv_bias = _add_conv_bias(inputs, conv_bias), None
-            x = inputs.permute(order)
         if training and count < 2:  # torch refuses one value per channel; Keras gives variance 0
             return original_call(self, inputs, training=True, mask=mask)
         gamma = self.gamma.value if self.scale else None
@@ -738,19 +747,21 @@ def _direct_layer_call():
     """
     rules = _direct_call_rules()
     if rules is None:
-        return lambda operation, args, kwargs: None
+        return lambda operation, args, kwargs, **extra: None
 
-    def direct(operation, args, kwargs):
+    def direct(operation, args, kwargs, **extra):
+        """`extra`: keywords for the layer's call that its node does not hold (a left conv bias)."""
         checked = rules.arguments(operation, args, kwargs)
         if checked is None:
             return None
         x, recorded_training = checked
-        if type(operation) not in rules.training_types:
-            return operation.call(x)
-        training = rules.training(recorded_training)
-        if training is UNRESOLVED:
-            return None
-        return operation.call(x) if training is None else operation.call(x, training=training)
+        if type(operation) in rules.training_types:
+            training = rules.training(recorded_training)
+            if training is UNRESOLVED:
+                return None
+            if training is not None:
+                extra["training"] = training
+        return operation.call(x, **extra)
 
     return direct
 
@@ -759,7 +770,7 @@ def _conv_bias_left_to_batch_norm():
     """The function the freeing walk asks before running a `Conv2D` node: when the node's output
     goes only to a `BatchNormalization` that can take the bias (see `_fused_batch_norm_call`),
     it runs the convolution without adding its bias and returns (output, bias); otherwise None.
-    The walk then hands the bias to that batch norm's call.
+    The walk then hands the bias to that batch norm's direct call (`_direct_layer_call`).
 
     keras.applications' ResNet50 has a bias in each of its 53 convolutions, each followed by a
     batch norm; torchvision's has none (a batch norm in training removes a constant per
@@ -777,7 +788,7 @@ def _conv_bias_left_to_batch_norm():
 
     rules = _direct_call_rules()
     if rules is None:
-        return types.SimpleNamespace(leave=lambda *args: None, batch_norm=lambda *args: None)
+        return lambda *args: None
     linear = keras.activations.get("linear")
 
     def takes_bias(node, uses, kept, consumers) -> bool:
@@ -804,18 +815,7 @@ def _conv_bias_left_to_batch_norm():
             return None
         return operation.convolution_op(x, operation.kernel), bias
 
-    def batch_norm(operation, args, kwargs, bias):
-        """The batch norm's fused call given the bias; None when Keras's call must run it."""
-        checked = rules.arguments(operation, args, kwargs)
-        if checked is None:
-            return None
-        x, recorded_training = checked
-        training = rules.training(recorded_training)
-        if training is UNRESOLVED:
-            return None
-        return operation.call(x, training=training, conv_bias=bias)
-
-    return types.SimpleNamespace(leave=leave_bias, batch_norm=batch_norm)
+    return leave_bias
 
 
 def _graph_walk_freeing_intermediates(original):
@@ -834,7 +834,7 @@ def _graph_walk_freeing_intermediates(original):
 
     in_place = _in_place_elementwise()
     direct_call = _direct_layer_call()
-    conv_biases = _conv_bias_left_to_batch_norm()
+    leave_conv_bias = _conv_bias_left_to_batch_norm()
 
     def walk(self, inputs, operation_fn=lambda op: op, call_fn=None):
         if call_fn is not None:
@@ -874,10 +874,10 @@ def _graph_walk_freeing_intermediates(original):
                 args, kwargs = node.arguments.fill_in(tensor_dict)
                 bias = left_biases.pop(id(node.input_tensors[0]), None) if node.input_tensors else None
                 if bias is not None:
-                    outputs = conv_biases.batch_norm(operation, args, kwargs, bias)
+                    outputs = direct_call(operation, args, kwargs, conv_bias=bias)
                     if outputs is None:  # Keras's own call: the bias first, as the convolution adds it
                         args = (_add_conv_bias(args[0], bias),)
-                elif (left := conv_biases.leave(operation, node, args, kwargs, uses, kept, reader)) is not None:
+                elif (left := leave_conv_bias(operation, node, args, kwargs, uses, kept, reader)) is not None:
                     outputs, left_biases[id(node.outputs[0])] = left
                 else:
                     outputs = direct_call(operation, args, kwargs)
