@@ -818,6 +818,83 @@ def _conv_bias_left_to_batch_norm():
     return leave_bias
 
 
+def _zero_padding_left_to_max_pool():
+    """The functions the freeing walk asks about a `ZeroPadding2D` node and the `MaxPooling2D`
+    reading it: `leave(...)` gives the padding ((top, top), (left, left)) when the walk may skip
+    the padding and let the pooling pad (else None); `pool(operation, args, kwargs, padding)`
+    then runs the pooling on the unpadded input as one `max_pool2d` with that padding (None:
+    Keras's own call must run it, after the padding).
+
+    keras.applications' ResNet50 pads its first ReLU's output with zeros and max-pools it
+    (pool1_pad, pool1_pool), as a torch max pool does with `padding=1`, except that torch pads
+    with -inf. A ReLU's output is never below zero, and every 3x3 window holds at least one
+    real value, so each maximum is the same value. The gradient differs only where a window's
+    maximum is 0 and a pad comes first in it: Keras's call routes it to the pad, torch's to a
+    zero of the ReLU, whose backward multiplies it by 0. So outputs and every weight's gradient
+    are bit-identical (tested). Keras's padding copies the activation and its backward copies
+    the gradient back out: fold against Keras's two layers, pad + pool + ReLU forward and
+    backward, 50 -> 28 ms (32 x 64 x 64 x 64, 2-core AMD EPYC family 26, 2 threads).
+
+    Only where the direct calls run (same checks as `_direct_layer_call`) and when: exact
+    `ZeroPadding2D` and `MaxPooling2D`, channels_last, 4-D float32 on a FAST_PATH_DEVICES
+    device; the padding's input comes from an `Activation("relu")` or a `ReLU()` with default
+    arguments; its output is read by the pooling only and is no model output; the pooling is
+    "valid" with a symmetric padding of at most half its window (what torch accepts).
+    """
+    import keras
+    import torch
+
+    rules = _direct_call_rules()
+    if rules is None:
+        return types.SimpleNamespace(leave=lambda *args: None, pool=lambda *args: None)
+    relu = keras.activations.get("relu")
+
+    def never_negative(producer) -> bool:
+        if type(producer) is keras.layers.Activation:
+            return producer.activation is relu
+        return (type(producer) is keras.layers.ReLU and producer.max_value is None
+                and producer.negative_slope == 0 and producer.threshold == 0)
+
+    def pooling(node, uses, kept, consumers):
+        (x,) = node.outputs if len(node.outputs) == 1 else (None,)
+        consumer = consumers.get(id(x)) if x is not None else None
+        if (x is None or uses.get(id(x)) != 1 or id(x) in kept or consumer is None
+                or [id(t) for t in consumer.input_tensors] != [id(x)]):
+            return None
+        pool = consumer.operation
+        if type(pool) is not keras.layers.MaxPooling2D or pool.data_format != "channels_last" \
+                or str(pool.padding).lower() != "valid":
+            return None
+        return pool
+
+    def leave(operation, node, args, kwargs, uses, kept, consumers, producers):
+        if type(operation) is not keras.layers.ZeroPadding2D or operation.data_format != "channels_last" \
+                or len(node.input_tensors) != 1 or not never_negative(producers.get(id(node.input_tensors[0]))):
+            return None
+        pool = pooling(node, uses, kept, consumers)
+        (top, bottom), (left, right) = operation.padding
+        if pool is None or top != bottom or left != right \
+                or top > pool.pool_size[0] // 2 or left > pool.pool_size[1] // 2:
+            return None
+        checked = rules.arguments(operation, args, kwargs)
+        if checked is None or checked[0].ndim != 4 or checked[0].device.type not in FAST_PATH_DEVICES:
+            return None
+        return top, left
+
+    def pool(operation, args, kwargs, padding):
+        checked = rules.arguments(operation, args, kwargs)
+        if checked is None:
+            return None
+        x, _ = checked
+        outputs = torch.nn.functional.max_pool2d(x.permute(0, 3, 1, 2), operation.pool_size, operation.strides,
+                                                 padding=padding)
+        if outputs._is_view() or not _eager_tensor(outputs):
+            return outputs.permute(0, 2, 3, 1)
+        return _permuted_as_new_tensor(outputs, (0, 2, 3, 1))  # as Keras's pooling returns it here
+
+    return types.SimpleNamespace(leave=leave, pool=pool)
+
+
 def _graph_walk_freeing_intermediates(original):
     """`Function._run_through_graph` as Keras 3.15 walks it, except that each intermediate
     tensor is dropped as soon as its last consumer has run.
@@ -826,8 +903,10 @@ def _graph_walk_freeing_intermediates(original):
     ends; torch then cannot free the outputs autograd does not save (every BatchNormalization
     and Add output of a ResNet), so a training step's peak holds about one extra activation
     per layer. A ReLU or residual Add whose input dies there runs in place
-    (`_in_place_elementwise`), plain layers are called directly (`_direct_layer_call`), and a
-    convolution read only by a batch norm leaves its bias to it (`_conv_bias_left_to_batch_norm`).
+    (`_in_place_elementwise`), plain layers are called directly (`_direct_layer_call`), a
+    convolution read only by a batch norm leaves its bias to it (`_conv_bias_left_to_batch_norm`),
+    and a ReLU's zero padding read only by a max pool leaves the padding to it
+    (`_zero_padding_left_to_max_pool`).
     Symbolic walks (`call_fn`) go to Keras's own.
     """
     from keras.src import tree
@@ -835,6 +914,7 @@ def _graph_walk_freeing_intermediates(original):
     in_place = _in_place_elementwise()
     direct_call = _direct_layer_call()
     leave_conv_bias = _conv_bias_left_to_batch_norm()
+    paddings = _zero_padding_left_to_max_pool()
 
     def walk(self, inputs, operation_fn=lambda op: op, call_fn=None):
         if call_fn is not None:
@@ -862,6 +942,7 @@ def _graph_walk_freeing_intermediates(original):
                 consumers[id(x)] = consumers.get(id(x), 0) + 1
                 reader[id(x)] = node
         left_biases: dict[int, object] = {}  # a convolution output -> its bias, for the batch norm reading it
+        left_paddings: dict[int, tuple] = {}  # a padding's output -> (the padding layer, its padding)
         uses = dict(consumers)  # in place only on a tensor with ONE consumer: earlier ones may have saved it
         kept = {id(x) for x in self.outputs} | {id(x) for x in self.inputs}
         producers = {id(x): node.operation for node in nodes for x in node.outputs}
@@ -872,13 +953,23 @@ def _graph_walk_freeing_intermediates(original):
             outputs = in_place(operation, node.input_tensors, tensor_dict, uses, kept, producers)
             if outputs is None:
                 args, kwargs = node.arguments.fill_in(tensor_dict)
-                bias = left_biases.pop(id(node.input_tensors[0]), None) if node.input_tensors else None
+                first = id(node.input_tensors[0]) if node.input_tensors else None
+                bias = left_biases.pop(first, None)
+                padded = left_paddings.pop(first, None)
                 if bias is not None:
                     outputs = direct_call(operation, args, kwargs, conv_bias=bias)
                     if outputs is None:  # Keras's own call: the bias first, as the convolution adds it
                         args = (_add_conv_bias(args[0], bias),)
+                elif padded is not None:  # args hold the unpadded input
+                    outputs = paddings.pool(operation, args, kwargs, padded[1])
+                    if outputs is None:  # Keras's own call: the padding first
+                        args = (operation_fn(padded[0])(args[0]),)
                 elif (left := leave_conv_bias(operation, node, args, kwargs, uses, kept, reader)) is not None:
                     outputs, left_biases[id(node.outputs[0])] = left
+                elif (padding := paddings.leave(operation, node, args, kwargs, uses, kept, reader,
+                                                producers)) is not None:
+                    outputs = args[0]  # stands for the padded output until the pooling reads it
+                    left_paddings[id(node.outputs[0])] = (operation, padding)
                 else:
                     outputs = direct_call(operation, args, kwargs)
                 if outputs is None:

@@ -1105,3 +1105,83 @@ def test_a_training_step_gives_the_optimizer_a_zero_bias_gradient_not_none():
         model.train_on_batch(x, np.array([0, 1, 0, 1]))
     np.testing.assert_array_equal(model.get_layer("conv").bias.numpy(), np.full(4, 0.5, "float32"))
     assert not np.allclose(model.get_layer("conv").kernel.numpy(), kernel)  # it did train
+
+
+def _zero_padding_model(seed: int) -> keras.Model:
+    """Each case `_zero_padding_left_to_max_pool` must take (pad_a, pad_b) or leave, on a ReLU
+    output with many zeros, so that windows whose maximum is 0 begin with a pad."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inputs = keras.Input((12, 12, 3))
+    r1 = layers.Activation("relu", name="r1")(layers.Conv2D(4, 3, padding="same", name="c1")(inputs))
+    pooled = lambda x, **pool: layers.GlobalAveragePooling2D()(layers.MaxPooling2D(3, 2, **pool)(x))  # noqa: E731
+    pad_e = layers.ZeroPadding2D(1, name="pad_e")(r1)  # read twice: left
+    branches = [
+        pooled(layers.ZeroPadding2D(1, name="pad_a")(r1)),  # taken: Activation("relu")
+        pooled(layers.ZeroPadding2D(1, name="pad_b")(layers.ReLU(name="r_b")(layers.Conv2D(4, 1, name="c_b")(r1)))),  # taken
+        pooled(layers.ZeroPadding2D(1, name="pad_c")(layers.Conv2D(4, 1, name="c_c")(r1))),  # not a ReLU's output
+        pooled(layers.ZeroPadding2D(1, name="pad_f")(layers.ReLU(negative_slope=0.1)(layers.Conv2D(4, 1, name="c_f")(r1)))),
+        pooled(layers.ZeroPadding2D(2, name="pad_d")(r1)),  # more than half the window
+        pooled(layers.ZeroPadding2D(((1, 0), (1, 0)), name="pad_g")(r1)),  # not symmetric
+        pooled(layers.ZeroPadding2D(1, name="pad_h")(r1), padding="same"),  # the pooling pads itself
+        pooled(pad_e), layers.GlobalAveragePooling2D()(pad_e),
+    ]
+    model = keras.Model(inputs, layers.Dense(3, name="head")(layers.Concatenate()(branches)))
+    model.get_layer("c1").bias.assign(np.full(4, -0.5, "float32"))  # more zeros after r1
+    return model
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_relu_zero_padding_left_to_its_max_pool_changes_no_bit(monkeypatch, seed):
+    """Training outputs, every weight's and the input's gradient, and inference outputs are
+    bit-identical with and without the rule; it takes exactly the two paddings it may (a
+    ReLU's output, read by a "valid" max pool only, symmetric, at most half the window), and
+    keras.applications' ResNet50's pool1_pad."""
+    import torch
+
+    taken: list[str] = []
+    factory = internals._zero_padding_left_to_max_pool
+
+    def counting_factory():
+        rules = factory()
+
+        def leave(operation, *args):
+            padding = rules.leave(operation, *args)
+            if padding is not None:
+                taken.append(operation.name)
+            return padding
+        return types.SimpleNamespace(leave=leave, pool=rules.pool)
+
+    x = np.random.default_rng(seed + 20).normal(0, 1, (4, 12, 12, 3)).astype("float32")
+
+    def step(fold: bool):
+        monkeypatch.setattr(internals, "_zero_padding_left_to_max_pool", counting_factory if fold else
+                            (lambda: types.SimpleNamespace(leave=lambda *args: None, pool=lambda *args: None)))
+        model = _zero_padding_model(seed)
+        inputs = torch.tensor(x, requires_grad=True)
+        with internals.keras_torch_fast_path():
+            outputs = model(inputs, training=True)
+            (outputs * torch.arange(1.0, 4.0)).sum().backward()
+            inference = keras.ops.convert_to_numpy(model(x, training=False))
+        grads = {v.path: v.value.grad.numpy().copy() for v in model.trainable_variables}
+        grads["input"] = inputs.grad.numpy().copy()
+        return model, outputs.detach().numpy(), grads, inference
+
+    model, *expected = step(fold=False)
+    _, *received = step(fold=True)
+    assert sorted(taken) == ["pad_a", "pad_a", "pad_b", "pad_b"]  # training and inference
+    # a window whose maximum is 0 begins with a pad (the case where the gradient goes elsewhere)
+    corner = keras.Model(model.input, model.get_layer("r1").output)(x).detach().numpy()[:, :2, :2, :]
+    assert np.any(corner.max(axis=(1, 2)) == 0)
+    np.testing.assert_array_equal(received[0], expected[0])
+    assert set(received[1]) == set(expected[1])
+    for name, want in expected[1].items():
+        np.testing.assert_array_equal(received[1][name], want, err_msg=name)
+    np.testing.assert_array_equal(received[2], expected[2])
+
+    taken.clear()
+    resnet = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(32, 32, 3))
+    with internals.keras_torch_fast_path(), torch.no_grad():
+        resnet(np.zeros((1, 32, 32, 3), "float32"), training=False)
+    assert taken == ["pool1_pad"]
