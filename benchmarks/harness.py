@@ -455,8 +455,10 @@ def summarize(options: BenchOptions, machine: dict, data: dict, workers: list[di
             "keras_torch_jit_compile": torch_train[0].get("jit_compile"),
             "keras_torch_fast_path": ("keras_ham.internals.keras_torch_fast_path (conv inputs as views, one shared "
                                       "per input, fused BatchNorm, freeing graph walk calling plain layers directly, "
-                                      "in-place bias add, ReLU and residual Add, grid_sample augmentation, AdamW "
-                                      "tensor by tensor in cache-sized pieces) with channels_last-stored kernels"),
+                                      "in-place bias add, ReLU and residual Add, a conv bias left to its batch "
+                                      "norm, a ReLU's zero padding left to its max pool, grid_sample augmentation, "
+                                      "AdamW tensor by tensor in cache-sized pieces) with channels_last-stored "
+                                      "kernels"),
             "notes": "images/s from the median step time (data loading included) after warm-up, all in ONE fit "
                      "call. After every fit step (inside fit's batch-end callback) one step each of the plain "
                      "torch loop over the same Keras model and of torchvision's model in NCHW and channels_last "

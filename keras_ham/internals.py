@@ -820,8 +820,8 @@ def _conv_bias_left_to_batch_norm():
 
 def _zero_padding_left_to_max_pool():
     """The functions the freeing walk asks about a `ZeroPadding2D` node and the `MaxPooling2D`
-    reading it: `leave(...)` gives the padding ((top, top), (left, left)) when the walk may skip
-    the padding and let the pooling pad (else None); `pool(operation, args, kwargs, padding)`
+    reading it: `leave(...)` gives the padding (rows, columns on each side) when the walk may
+    skip the padding and let the pooling pad (else None); `pool(operation, args, kwargs, padding)`
     then runs the pooling on the unpadded input as one `max_pool2d` with that padding (None:
     Keras's own call must run it, after the padding).
 
