@@ -766,6 +766,17 @@ def _direct_layer_call():
     return direct
 
 
+def _only_reader(node, uses, kept, readers):
+    """The node that alone reads `node`'s one output, and reads nothing else; None when that
+    output has other readers, is a model input or output, or `node` has several outputs.
+    `readers`: a tensor's last reading node, by id (the walk's `reader`)."""
+    (x,) = node.outputs if len(node.outputs) == 1 else (None,)
+    if x is None or uses.get(id(x)) != 1 or id(x) in kept:
+        return None
+    reader = readers.get(id(x))
+    return reader if reader is not None and [id(t) for t in reader.input_tensors] == [id(x)] else None
+
+
 def _conv_bias_left_to_batch_norm():
     """The function the freeing walk asks before running a `Conv2D` node: when the node's output
     goes only to a `BatchNormalization` that can take the bias (see `_fused_batch_norm_call`),
@@ -792,14 +803,11 @@ def _conv_bias_left_to_batch_norm():
     linear = keras.activations.get("linear")
 
     def takes_bias(node, uses, kept, consumers) -> bool:
-        (x,) = node.outputs if len(node.outputs) == 1 else (None,)
-        consumer = consumers.get(id(x)) if x is not None else None
+        consumer = _only_reader(node, uses, kept, consumers)
         return (
-            x is not None and uses.get(id(x)) == 1 and id(x) not in kept
-            and consumer is not None and type(consumer.operation) is keras.layers.BatchNormalization
+            consumer is not None and type(consumer.operation) is keras.layers.BatchNormalization
             and getattr(type(consumer.operation).call, "takes_conv_bias", False)
-            and consumer.operation.axis in (-1, len(x.shape) - 1)
-            and [id(t) for t in consumer.input_tensors] == [id(x)]
+            and consumer.operation.axis in (-1, len(node.outputs[0].shape) - 1)
         )
 
     def leave_bias(operation, node, args, kwargs, uses, kept, consumers):
@@ -856,12 +864,8 @@ def _zero_padding_left_to_max_pool():
                 and producer.negative_slope == 0 and producer.threshold == 0)
 
     def pooling(node, uses, kept, consumers):
-        (x,) = node.outputs if len(node.outputs) == 1 else (None,)
-        consumer = consumers.get(id(x)) if x is not None else None
-        if (x is None or uses.get(id(x)) != 1 or id(x) in kept or consumer is None
-                or [id(t) for t in consumer.input_tensors] != [id(x)]):
-            return None
-        pool = consumer.operation
+        consumer = _only_reader(node, uses, kept, consumers)
+        pool = consumer.operation if consumer is not None else None
         if type(pool) is not keras.layers.MaxPooling2D or pool.data_format != "channels_last" \
                 or str(pool.padding).lower() != "valid":
             return None

@@ -588,6 +588,17 @@ def _residual_model(seed: int) -> keras.Model:
     return keras.Model(inputs, [outputs, b3])
 
 
+def _recorded(rule, names: list[str]):
+    """`rule` (a walk's per-node function: operation first, None when it does not apply) that
+    also appends the name of each operation it handles to `names`."""
+    def recorded(operation, *args, **kwargs):
+        result = rule(operation, *args, **kwargs)
+        if result is not None:
+            names.append(operation.name)
+        return result
+    return recorded
+
+
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch-backend internal")
 @pytest.mark.parametrize("training", [True, False])
 def test_in_place_relu_and_add_change_no_result_and_run_where_safe(monkeypatch, training):
@@ -603,14 +614,7 @@ def test_in_place_relu_and_add_change_no_result_and_run_where_safe(monkeypatch, 
     factory = internals._in_place_elementwise
 
     def counting_factory():
-        in_place = factory()
-
-        def counted(operation, *args):
-            result = in_place(operation, *args)
-            if result is not None:
-                taken.append(operation.name)
-            return result
-        return counted
+        return _recorded(factory(), taken)
 
     def step(model, in_place: bool):
         monkeypatch.setattr(internals, "_in_place_elementwise",
@@ -787,14 +791,7 @@ def test_direct_layer_calls_change_no_result_and_skip_only_plain_layers(monkeypa
     factory = internals._direct_layer_call
 
     def counting_factory():
-        direct = factory()
-
-        def counted(operation, args, kwargs, **extra):
-            result = direct(operation, args, kwargs, **extra)
-            if result is not None:
-                direct_names.append(operation.name)
-            return result
-        return counted
+        return _recorded(factory(), direct_names)
 
     def step(direct: bool):
         model = _direct_call_model(0)
@@ -1042,14 +1039,7 @@ def test_a_conv_bias_before_a_training_batch_norm_is_left_out_with_a_zero_gradie
     factory = internals._conv_bias_left_to_batch_norm
 
     def counting_factory():
-        leave_bias = factory()
-
-        def leave(operation, *args):
-            left = leave_bias(operation, *args)
-            if left is not None:
-                taken.append(operation.name)
-            return left
-        return leave
+        return _recorded(factory(), taken)
 
     monkeypatch.setattr(internals, "_conv_bias_left_to_batch_norm", counting_factory)
     x = np.random.default_rng(seed + 10).normal(1, 1, (4, 9, 9, 3)).astype("float32")
@@ -1145,13 +1135,7 @@ def test_a_relu_zero_padding_left_to_its_max_pool_changes_no_bit(monkeypatch, se
 
     def counting_factory():
         rules = factory()
-
-        def leave(operation, *args):
-            padding = rules.leave(operation, *args)
-            if padding is not None:
-                taken.append(operation.name)
-            return padding
-        return types.SimpleNamespace(leave=leave, pool=rules.pool)
+        return types.SimpleNamespace(leave=_recorded(rules.leave, taken), pool=rules.pool)
 
     x = np.random.default_rng(seed + 20).normal(0, 1, (4, 12, 12, 3)).astype("float32")
 
